@@ -1,0 +1,121 @@
+"""Every error the plugin raises on purpose, in one place.
+
+Each class subclasses the builtin a caller would naturally catch (``ValueError``, ``KeyError``,
+``MemoryError``...) and carries a stable machine-readable ``code`` plus the HTTP status a serving
+layer should answer with, so the mapping to HTTP lives here and nowhere else.
+"""
+
+from __future__ import annotations
+
+
+class PluginError(Exception):
+    """Root of every error raised on purpose by this plugin."""
+
+    code = "plugin_error"
+    http_status = 500
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:  # KeyError's default __str__ would quote the message
+        return self.message
+
+    def to_dict(self) -> dict:
+        return {"code": self.code, "message": self.message}
+
+
+class InvalidInputError(PluginError, ValueError):
+    """The input tensor or request payload has the wrong shape, dtype or content."""
+
+    code = "invalid_input"
+    http_status = 400
+
+
+class ImageDecodeError(InvalidInputError):
+    """The request's bytes are not an image Pillow can read."""
+
+    code = "invalid_image"
+
+
+class InvalidRequestError(InvalidInputError):
+    """The request body is malformed (bad JSON, missing or mistyped field, bad base64)."""
+
+    code = "invalid_request"
+
+
+class InvalidTargetError(PluginError, ValueError):
+    """The requested target class is of the wrong type or out of range."""
+
+    code = "invalid_target"
+    http_status = 400
+
+
+class InvalidOptionError(PluginError, ValueError):
+    """An explainer or rendering option is unknown, of the wrong type, or out of bounds."""
+
+    code = "invalid_option"
+    http_status = 400
+
+
+class UnknownExplainerError(PluginError, KeyError):
+    """No explainer is registered under the requested name."""
+
+    code = "unknown_explainer"
+    http_status = 400
+
+
+class DuplicateExplainerError(PluginError, ValueError):
+    """An explainer name was registered twice."""
+
+    code = "duplicate_explainer"
+    http_status = 500
+
+
+class ExplainerNotAllowedError(PluginError, PermissionError):
+    """The model's configuration does not let a request ask for this explainer."""
+
+    code = "explainer_not_allowed"
+    http_status = 403
+
+
+class CostCapExceededError(PluginError, ValueError):
+    """A request asks for more work than the model's configured cost caps allow."""
+
+    code = "cost_cap_exceeded"
+    http_status = 422
+
+    def __init__(self, message: str, cap: str):
+        super().__init__(message)
+        self.cap = cap
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "cap": self.cap}
+
+
+class PayloadTooLargeError(CostCapExceededError):
+    """The request's image is larger than the configured pixel cap."""
+
+    code = "payload_too_large"
+    http_status = 413
+
+
+class UnsupportedModelError(PluginError, TypeError):
+    """The model cannot be explained by this method (e.g. no convolutional layer for Grad-CAM)."""
+
+    code = "unsupported_model"
+    http_status = 500
+
+
+class ExplanationFailedError(PluginError, RuntimeError):
+    """An explainer raised an unexpected error; wraps the cause for the response."""
+
+    code = "explanation_failed"
+    http_status = 500
+
+
+class ResourceExhaustedError(PluginError, MemoryError):
+    """An explanation ran out of memory."""
+
+    code = "resource_exhausted"
+    http_status = 503
