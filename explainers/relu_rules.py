@@ -1,0 +1,265 @@
+"""Backward rules at ReLUs: plain gradient, Guided Backpropagation and DeconvNet.
+
+One forward pass through a *rule model* records, at each ReLU, its output (whose sign is the mask
+``f > 0``). Every backward over that same graph then applies the rule chosen at backward time, so a
+single forward serves several methods (each runs its own backward with ``retain_graph``).
+
+With R the gradient arriving at a ReLU's output and f its input, the rules are (DESIGN.md §2):
+
+* ``GRADIENT``  (saliency):         ``1[f>0] · R``
+* ``GUIDED``    (guided backprop):  ``1[f>0] · 1[R>0] · R``
+* ``DECONV``    (DeconvNet):        ``1[R>0] · R``
+
+The rule touches only the gradient flowing back through the ReLU itself; autograd adds the
+gradient of any other branch that reads the ReLU's input afterwards, unclamped.
+
+A rule model is built without touching the user's model:
+
+* ``torch.fx`` traces the model and every ReLU call site (``nn.ReLU`` modules, in-place or reused,
+  ``F.relu``, ``torch.relu``, ``Tensor.relu``, ``relu_`` forms) is replaced by ``rule_relu``. The
+  traced module shares the model's submodules, so weights, buffers and training flags are the
+  model's own.
+* A model fx cannot trace runs its own ``forward`` under a thread-local ``TorchFunctionMode`` that
+  sends the same ReLU calls to ``rule_relu``. It is slower (every torch call passes through
+  Python), but exact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import enum
+import threading
+import weakref
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+
+class BackwardRule(enum.Enum):
+    GRADIENT = "gradient"
+    GUIDED = "guided"
+    DECONV = "deconv"
+
+
+class RuleSelector:
+    """The rule every ReLU of one forward pass applies when a backward reaches it.
+
+    One selector belongs to one forward pass, so concurrent explanations never share one.
+    """
+
+    __slots__ = ("rule",)
+
+    def __init__(self, rule: BackwardRule = BackwardRule.GRADIENT):
+        self.rule = rule
+
+
+# Set only while a rule model runs its forward, in the caller's own context (thread-safe).
+_active_selector: contextvars.ContextVar[RuleSelector | None] = contextvars.ContextVar(
+    "xai_active_rule_selector", default=None
+)
+
+
+class _RuleReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, inputs: torch.Tensor, selector: RuleSelector | None) -> torch.Tensor:
+        output = torch.relu(inputs)
+        ctx.save_for_backward(output)
+        ctx.selector = selector
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (output,) = ctx.saved_tensors
+        rule = ctx.selector.rule if ctx.selector is not None else BackwardRule.GRADIENT
+        if rule is BackwardRule.DECONV:
+            return grad_output.clamp(min=0), None
+        if rule is BackwardRule.GUIDED:
+            grad_output = grad_output.clamp(min=0)
+        # output > 0 exactly where the input f > 0; ATen's fused kernel applies that mask.
+        return torch.ops.aten.threshold_backward(grad_output, output, 0), None
+
+
+def rule_relu(inputs: torch.Tensor) -> torch.Tensor:
+    """ReLU whose backward follows the rule of the forward pass in progress (plain gradient outside one)."""
+    return _RuleReLU.apply(inputs, _active_selector.get())
+
+
+@contextlib.contextmanager
+def selecting_rules(selector: RuleSelector) -> Iterator[None]:
+    token = _active_selector.set(selector)
+    try:
+        yield
+    finally:
+        _active_selector.reset(token)
+
+
+# --- fx rewrite -------------------------------------------------------------------------------
+
+_RELU_FUNCTIONS = {F.relu, torch.relu}
+_INPLACE_RELU_FUNCTIONS = {torch.relu_, F.relu_}
+
+
+def _relu_call_kind(node: torch.fx.Node, modules: dict[str, nn.Module]) -> str | None:
+    """'out_of_place', 'inplace' or None for a node that is not a ReLU call."""
+    if node.op == "call_module" and type(modules.get(node.target)) is nn.ReLU:
+        return "inplace" if modules[node.target].inplace else "out_of_place"
+    if node.op == "call_function":
+        if node.target in _INPLACE_RELU_FUNCTIONS:
+            return "inplace"
+        if node.target in _RELU_FUNCTIONS:
+            inplace = node.kwargs.get("inplace", node.args[1] if len(node.args) > 1 else False)
+            return "inplace" if inplace else "out_of_place"
+    if node.op == "call_method" and node.target in ("relu", "relu_"):
+        return "inplace" if node.target == "relu_" else "out_of_place"
+    return None
+
+
+def _relu_input(node: torch.fx.Node) -> torch.fx.Node:
+    return node.args[0] if node.args else node.kwargs["input"]
+
+
+def trace_rule_model(model: nn.Module) -> torch.fx.GraphModule:
+    """Trace ``model`` and route every ReLU call site through :func:`rule_relu`.
+
+    In-place ReLUs become out-of-place: every later reader of the mutated tensor is pointed at the
+    new ReLU output, which is what it would have read after the mutation.
+
+    Raises:
+        Exception: whatever ``torch.fx`` raises for a model it cannot trace.
+    """
+    graph_module = torch.fx.symbolic_trace(model)
+    graph = graph_module.graph
+    modules = dict(graph_module.named_modules())
+    position = {node: index for index, node in enumerate(graph.nodes)}
+    for node in list(graph.nodes):
+        kind = _relu_call_kind(node, modules)
+        if kind is None:
+            continue
+        source = _relu_input(node)
+        with graph.inserting_after(node):
+            replacement = graph.call_function(rule_relu, (source,))
+        node.replace_all_uses_with(replacement)
+        if kind == "inplace":
+            for reader in list(source.users):
+                if position.get(reader, -1) > position[node]:
+                    reader.replace_input_with(source, replacement)
+        graph.erase_node(node)
+    graph.lint()
+    graph_module.recompile()
+    return graph_module
+
+
+# --- fallback for models fx cannot trace -----------------------------------------------------
+
+_OUT_OF_PLACE_RELUS = {F.relu, torch.relu, torch.Tensor.relu}
+_IN_PLACE_RELUS = {torch.relu_, F.relu_, torch.Tensor.relu_}
+
+
+class _ReluRuleMode(TorchFunctionMode):
+    """Sends every ReLU call made during a forward to :func:`rule_relu` (this thread only)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _OUT_OF_PLACE_RELUS or func in _IN_PLACE_RELUS:
+            inputs = args[0] if args else kwargs["input"]
+            inplace = func in _IN_PLACE_RELUS or kwargs.get("inplace", args[1] if len(args) > 1 else False)
+            output = rule_relu(inputs)
+            if not inplace:
+                return output
+            # Keep in-place semantics: the caller's tensor now holds the output, with its history.
+            return inputs.copy_(output)
+        return func(*args, **kwargs)
+
+
+class _ModeRuleModel(nn.Module):
+    """Runs the model's own forward with every ReLU call intercepted."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        # Not registered as a submodule: this wrapper must never own or move the model.
+        object.__setattr__(self, "wrapped", model)
+
+    def forward(self, *args, **kwargs):
+        with _ReluRuleMode():
+            return self.wrapped(*args, **kwargs)
+
+
+# --- cache ------------------------------------------------------------------------------------
+
+RuleModel = Callable[..., torch.Tensor]
+
+_cache_lock = threading.Lock()
+_rule_models: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, ...], RuleModel]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _structure_key(model: nn.Module) -> tuple[int, ...]:
+    # Replacing a submodule after tracing changes this key, so a stale trace is never reused.
+    return tuple(id(module) for module in model.modules())
+
+
+def rule_model_for(model: nn.Module, example: torch.Tensor) -> RuleModel:
+    """The cached rule model of ``model`` (traced when possible, else the intercepting fallback).
+
+    The first build checks the traced model against the model on ``example``: a trace whose output
+    disagrees (Python control flow fx froze) or that would lose a custom ``autograd.Function``
+    backward is discarded for the fallback.
+    """
+    key = _structure_key(model)
+    with _cache_lock:
+        cached = _rule_models.get(model)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        rule_model = _build_rule_model(model, example)
+        _rule_models[model] = (key, rule_model)
+        return rule_model
+
+
+def _uses_custom_autograd_functions(output: torch.Tensor) -> bool:
+    """Whether the autograd graph behind ``output`` holds a Python ``autograd.Function``.
+
+    fx traces through ``Function.apply`` into its forward and silently drops its custom backward,
+    so a model using one must run its own forward (the fallback) to keep that backward.
+    """
+    seen, stack = set(), [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if isinstance(node, torch.autograd.function.BackwardCFunction):
+            return True
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return False
+
+
+def _build_rule_model(model: nn.Module, example: torch.Tensor) -> RuleModel:
+    try:
+        traced = trace_rule_model(model)
+    except Exception:  # fx raises many types for untraceable code; the fallback is always exact
+        return _ModeRuleModel(model)
+    with torch.enable_grad():
+        expected = model(example.detach().requires_grad_(True))
+    with torch.no_grad():
+        observed = traced(example)
+    if (
+        isinstance(expected, torch.Tensor)
+        and isinstance(observed, torch.Tensor)
+        and expected.shape == observed.shape
+        and torch.allclose(expected.detach(), observed, rtol=1e-4, atol=1e-5)
+        and not _uses_custom_autograd_functions(expected)
+    ):
+        return traced
+    return _ModeRuleModel(model)
+
+
+def uses_traced_rules(model: nn.Module) -> bool:
+    """Whether ``model``'s cached rule model is the fast traced one (for diagnostics and tests)."""
+    cached = _rule_models.get(model)
+    return cached is not None and isinstance(cached[1], torch.fx.GraphModule)
