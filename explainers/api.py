@@ -16,7 +16,13 @@ from .registry import create
 from .validation import TargetSpec, check_target_spec, resolve_targets, validate_inputs
 
 
-def _explainers_for(model: nn.Module, methods: Sequence[str | Explainer], options: Mapping) -> list[Explainer]:
+def build_explainers(model: nn.Module, methods: Sequence[str | Explainer], options: Mapping) -> list[Explainer]:
+    """Explainer instances for ``methods``, each with its own entry of ``options``.
+
+    Raises:
+        UnknownExplainerError: a name that is not registered.
+        InvalidOptionError: a name twice, options for a method not requested, or a bad option.
+    """
     if isinstance(methods, (str, bytes)) or not isinstance(methods, Sequence):
         raise InvalidOptionError(f"methods must be a list of explainer names, got {methods!r}")
     names = [method.name if isinstance(method, Explainer) else method for method in methods]
@@ -36,6 +42,39 @@ def _explainers_for(model: nn.Module, methods: Sequence[str | Explainer], option
             raise InvalidOptionError(f"options for {method} must be a mapping, got {method_options!r}")
         explainers.append(create(method, model, **method_options))
     return explainers
+
+
+class ExplanationRun:
+    """One forward pass of ``inputs`` shared by the prediction and every gradient-rule explainer.
+
+    Use inside :func:`explanation_mode`. Gradient-rule explainers run backward passes over the
+    recorded graph; the others run on their own afterwards. Each :meth:`explain` call may fail on
+    its own without spoiling the others.
+    """
+
+    def __init__(self, model: nn.Module, inputs: torch.Tensor, explainers: Sequence[Explainer], target: TargetSpec):
+        self.model = model
+        self.inputs = validate_inputs(inputs, model)
+        check_target_spec(target, self.inputs.shape[0])
+        gradient_explainers = [e for e in explainers if isinstance(e, GradientRuleExplainer)]
+        if gradient_explainers:
+            layers = {layer for explainer in gradient_explainers for layer in explainer.layers()}
+            self._record: ForwardRecord | None = ForwardRecord(model, self.inputs, layers)
+            self.logits = self._record.logits
+        else:
+            self._record = None
+            with torch.no_grad():
+                self.logits = model(self.inputs)
+        self.targets = resolve_targets(target, self.logits)
+
+    def explain(self, explainer: Explainer, targets: torch.Tensor | None = None) -> Explanation:
+        """``explainer``'s explanation for ``targets`` (default: the run's resolved targets)."""
+        targets = self.targets if targets is None else targets
+        if isinstance(explainer, GradientRuleExplainer):
+            attributions = explainer.attribute_from_record(self._record, targets)
+        else:
+            attributions = explainer.attribute(self.inputs, targets)
+        return Explanation(attributions.detach(), targets, explainer.name)
 
 
 def predict_and_explain(
@@ -62,25 +101,8 @@ def predict_and_explain(
     Raises:
         InvalidInputError, InvalidTargetError, UnknownExplainerError, InvalidOptionError.
     """
-    explainers = _explainers_for(model, methods, options)
-    inputs = validate_inputs(inputs, model)
-    check_target_spec(target, inputs.shape[0])
-    gradient_explainers = [e for e in explainers if isinstance(e, GradientRuleExplainer)]
+    explainers = build_explainers(model, methods, options)
     with explanation_mode(model):
-        if gradient_explainers:
-            layers = {layer for explainer in gradient_explainers for layer in explainer.layers()}
-            record = ForwardRecord(model, inputs, layers)
-            logits = record.logits
-        else:
-            record = None
-            with torch.no_grad():
-                logits = model(inputs)
-        targets = resolve_targets(target, logits)
-        explanations = {}
-        for explainer in explainers:
-            if isinstance(explainer, GradientRuleExplainer):
-                attributions = explainer.attribute_from_record(record, targets)
-            else:
-                attributions = explainer.attribute(inputs, targets)
-            explanations[explainer.name] = Explanation(attributions.detach(), targets, explainer.name)
-    return logits.detach(), explanations
+        run = ExplanationRun(model, inputs, explainers, target)
+        explanations = {explainer.name: run.explain(explainer) for explainer in explainers}
+    return run.logits.detach(), explanations

@@ -1,0 +1,171 @@
+"""Every metric the plugin exports, declared once, behind a small recorder interface.
+
+The handler records through TorchServe's context metrics (so one scrape of TorchServe's metrics
+address gives everything); code using the explainer layer on its own records into a
+``prometheus_client`` registry. Labels stay low-cardinality: stage, explainer, route, outcome and
+error code only, never a request id, a class or a user value.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+STAGES = ("decode", "preprocess", "inference", "explain", "encode")
+ROUTES = ("predict", "explain")
+OUTCOMES = ("ok", "client_error", "server_error")
+NO_EXPLAINER = "none"
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    name: str
+    kind: str  # "histogram" or "counter"
+    labels: tuple[str, ...]
+    unit: str
+    help: str
+
+
+STAGE_LATENCY = MetricSpec("xai_stage_latency_seconds", "histogram", ("stage", "explainer"), "seconds",
+                           "Time spent per request in each handler stage, per explainer in the explain stage.")
+REQUESTS = MetricSpec("xai_requests_total", "counter", ("route", "outcome"), "requests",
+                      "Requests handled, by route (predict, explain) and outcome (ok, client_error, server_error).")
+ERRORS = MetricSpec("xai_errors_total", "counter", ("code",), "errors",
+                    "Errors by stable error code, explanation failures included.")
+EXPLANATIONS = MetricSpec("xai_explanations_total", "counter", ("explainer", "outcome"), "explanations",
+                          "Explanations computed, by explainer and outcome.")
+EXPLANATION_BYTES = MetricSpec("xai_explanation_bytes", "histogram", ("explainer",), "bytes",
+                               "Size of each encoded explanation payload.")
+EXPLANATION_QUALITY = MetricSpec("xai_explanation_quality", "histogram", ("explainer", "metric"), "score",
+                                 "Quality scores of served explanations, when requested.")
+
+ALL_METRICS = (STAGE_LATENCY, REQUESTS, ERRORS, EXPLANATIONS, EXPLANATION_BYTES, EXPLANATION_QUALITY)
+
+
+def outcome_of(http_status: int) -> str:
+    if http_status < 400:
+        return "ok"
+    return "client_error" if http_status < 500 else "server_error"
+
+
+class Recorder(Protocol):
+    def observe(self, spec: MetricSpec, value: float, **labels: str) -> None: ...
+
+    def increment(self, spec: MetricSpec, **labels: str) -> None: ...
+
+
+class NullRecorder:
+    """Records nothing."""
+
+    def observe(self, spec: MetricSpec, value: float, **labels: str) -> None:
+        pass
+
+    def increment(self, spec: MetricSpec, **labels: str) -> None:
+        pass
+
+
+class Metrics:
+    """The plugin's metric vocabulary over any :class:`Recorder`."""
+
+    def __init__(self, recorder: Recorder | None = None):
+        self.recorder = recorder or NullRecorder()
+
+    @contextlib.contextmanager
+    def stage(self, stage: str, explainer: str = NO_EXPLAINER) -> Iterator[None]:
+        """Times the block into ``xai_stage_latency_seconds`` (also when it raises)."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.recorder.observe(STAGE_LATENCY, time.perf_counter() - started, stage=stage, explainer=explainer)
+
+    def request(self, route: str, http_status: int) -> None:
+        self.recorder.increment(REQUESTS, route=route, outcome=outcome_of(http_status))
+
+    def error(self, code: str) -> None:
+        self.recorder.increment(ERRORS, code=code)
+
+    def explanation(self, explainer: str, ok: bool, payload_bytes: int | None = None) -> None:
+        self.recorder.increment(EXPLANATIONS, explainer=explainer, outcome="ok" if ok else "error")
+        if payload_bytes is not None:
+            self.recorder.observe(EXPLANATION_BYTES, payload_bytes, explainer=explainer)
+
+    def quality(self, explainer: str, metric: str, value: float) -> None:
+        self.recorder.observe(EXPLANATION_QUALITY, value, explainer=explainer, metric=metric)
+
+
+# Latency buckets from 1 ms to 30 s, as Prometheus expects (seconds).
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BYTES_BUCKETS = tuple(float(2 ** k) for k in range(8, 24, 2))  # 256 B to 4 MiB
+SCORE_BUCKETS = tuple(k / 10 for k in range(1, 11))
+
+
+class PrometheusRecorder:
+    """Records into a ``prometheus_client`` registry (the explainer layer used outside TorchServe)."""
+
+    def __init__(self, registry=None):
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self._metrics = {}
+        for spec in ALL_METRICS:
+            if spec.kind == "counter":
+                # prometheus_client appends _total itself.
+                metric = Counter(spec.name.removesuffix("_total"), spec.help, spec.labels, registry=self.registry)
+            else:
+                buckets = {"seconds": LATENCY_BUCKETS, "bytes": BYTES_BUCKETS}.get(spec.unit, SCORE_BUCKETS)
+                metric = Histogram(spec.name, spec.help, spec.labels, buckets=buckets, registry=self.registry)
+            self._metrics[spec.name] = metric
+
+    def observe(self, spec: MetricSpec, value: float, **labels: str) -> None:
+        self._metrics[spec.name].labels(**labels).observe(value)
+
+    def increment(self, spec: MetricSpec, **labels: str) -> None:
+        self._metrics[spec.name].labels(**labels).inc()
+
+
+def prometheus_metrics(registry=None) -> Metrics:
+    """Metrics recorded into a ``prometheus_client`` registry (a fresh one by default).
+
+    Expose it with ``prometheus_client.start_http_server(port, registry=metrics.recorder.registry)``.
+    """
+    return Metrics(PrometheusRecorder(registry))
+
+
+# Dimensions TorchServe's frontend puts first on model metrics; our labels follow them.
+TORCHSERVE_MODEL_DIMENSIONS = ("ModelName", "Level")
+
+
+def torchserve_dimensions(spec: MetricSpec) -> list[str]:
+    """Dimension names a TorchServe metrics config must declare for ``spec``, in order."""
+    return [*TORCHSERVE_MODEL_DIMENSIONS, *spec.labels]
+
+
+class TorchServeRecorder:
+    """Records through the metrics cache TorchServe hands a handler (``context.metrics``).
+
+    The metrics must be declared in the server's metrics config with :func:`torchserve_dimensions`;
+    TorchServe's frontend then exports them on its Prometheus endpoint beside its own. Takes the
+    cache and TorchServe's metric type enum values from the handler, so this module never imports
+    TorchServe.
+    """
+
+    def __init__(self, metrics_cache, model_name: str, counter_type, histogram_type):
+        self._model_name = model_name
+        self._metrics = {
+            spec.name: metrics_cache.get_metric(spec.name, counter_type if spec.kind == "counter" else histogram_type)
+            for spec in ALL_METRICS
+        }
+
+    def _emit(self, spec: MetricSpec, value: float, labels: dict) -> None:
+        values = [self._model_name, "Model", *(labels[name] for name in spec.labels)]
+        self._metrics[spec.name].add_or_update(value, dimension_values=values)
+
+    def observe(self, spec: MetricSpec, value: float, **labels: str) -> None:
+        self._emit(spec, value, labels)
+
+    def increment(self, spec: MetricSpec, **labels: str) -> None:
+        self._emit(spec, 1, labels)

@@ -1,0 +1,205 @@
+"""What one HTTP request asks for, parsed from any of the request forms the server accepts.
+
+Forms: raw image bytes as the body; a multipart field ``data``; or a JSON object
+``{"image": "<base64>", "explain": [...], "target": 3 | "circle", "encoding": "png", "top_k": 3,
+"explain_top_k": 2, "options": {method: {...}}, "render": {...}}``.
+Explanations are asked for by the ``X-Explain: a,b`` header, the JSON ``explain`` field, or the
+explanations route (which falls back to the model's default explainers).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from ..errors import InvalidRequestError, InvalidTargetError
+from .settings import ServingSettings
+
+JSON_FIELDS = frozenset({"image", "explain", "target", "encoding", "top_k", "explain_top_k", "options", "render"})
+EXPLAIN_HEADER = "x-explain"
+
+
+@dataclass(frozen=True)
+class RawRequest:
+    """One request as the server hands it over, before any interpretation."""
+
+    fields: Mapping[str, object]  # TorchServe's per-request dict: "body" or "data", plus form fields
+    headers: Mapping[str, str] = field(default_factory=dict)
+    explain_route: bool = False
+
+
+@dataclass(frozen=True)
+class ExplainRequest:
+    image_bytes: bytes
+    explainers: tuple[str, ...]
+    target: int | None
+    top_k: int
+    explain_top_k: int = 1
+    method_options: Mapping[str, Mapping] = field(default_factory=dict)
+    render_overrides: Mapping[str, object] = field(default_factory=dict)
+    explain_route: bool = False
+
+    @property
+    def route(self) -> str:
+        return "explain" if self.explain_route or self.explainers else "predict"
+
+
+def _header(headers: Mapping[str, str], name: str) -> str | None:
+    for key, value in headers.items():
+        if key.lower() == name:
+            return value.decode() if isinstance(value, (bytes, bytearray)) else value
+    return None
+
+
+def _json_body(body: object) -> Mapping | None:
+    """The body as a JSON object, None for raw image bytes.
+
+    Raises:
+        InvalidRequestError: JSON that is malformed or not an object, or text that is not JSON.
+    """
+    if isinstance(body, Mapping):
+        return body
+    if isinstance(body, list):
+        raise InvalidRequestError("JSON body must be an object with an \"image\" field, got an array")
+    if isinstance(body, str):
+        text = body
+    elif isinstance(body, (bytes, bytearray)):
+        stripped = bytes(body).lstrip()
+        if not stripped.startswith((b"{", b"[")):
+            return None
+        try:
+            text = stripped.decode("utf-8")
+        except UnicodeDecodeError:
+            return None  # a binary image that happens to start with '{'
+    else:
+        raise InvalidRequestError(f"unsupported request body of type {type(body).__name__}")
+    try:
+        parsed = json.loads(text)
+    except ValueError as error:
+        raise InvalidRequestError(f"malformed JSON body: {error}") from None
+    if not isinstance(parsed, Mapping):
+        raise InvalidRequestError(f"JSON body must be an object with an \"image\" field, got {type(parsed).__name__}")
+    return parsed
+
+
+def _decode_base64_image(value: object) -> bytes:
+    if not isinstance(value, str):
+        raise InvalidRequestError(f"\"image\" must be a base64 string, got {type(value).__name__}")
+    if value.startswith("data:") and "," in value:  # a data URL
+        value = value.split(",", 1)[1]
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequestError("\"image\" is not valid base64") from None
+
+
+def _explainer_list(value: object, source: str) -> tuple[str, ...]:
+    if isinstance(value, (bytes, bytearray)):
+        value = value.decode("utf-8", "replace")
+    if isinstance(value, str):
+        names = [name.strip() for name in value.split(",") if name.strip()]
+    elif isinstance(value, list) and all(isinstance(name, str) for name in value):
+        names = [name.strip() for name in value]
+    else:
+        raise InvalidRequestError(f"{source} must be a list of explainer names or a comma-separated string, got {value!r}")
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise InvalidRequestError(f"explainer(s) requested twice: {duplicates}")
+    return tuple(names)
+
+
+def parse_target(value: object, settings: ServingSettings) -> int | None:
+    """A class index from an index or a class label.
+
+    Raises:
+        InvalidTargetError: not an int or a known label, or an index out of range.
+    """
+    if value is None:
+        return None
+    if isinstance(value, (bytes, bytearray)):
+        value = value.decode("utf-8", "replace")
+    if isinstance(value, str):
+        if value in settings.class_names:
+            return settings.class_names.index(value)
+        if not value.strip().isdigit():
+            raise InvalidTargetError(f"unknown class label {value!r}; labels: {list(settings.class_names)}")
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidTargetError(f"target must be a class index or label, got {value!r}")
+    if not 0 <= value < settings.num_classes:
+        raise InvalidTargetError(f"target class index {value} out of range [0, {settings.num_classes})")
+    return value
+
+
+def _count(value: object, name: str, maximum: int) -> int:
+    if isinstance(value, (bytes, bytearray, str)) and str(value if isinstance(value, str) else value.decode()).isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
+        raise InvalidRequestError(f"{name} must be an integer in [1, {maximum}], got {value!r}")
+    return value
+
+
+def _mapping(value: object, name: str) -> Mapping:
+    if not isinstance(value, Mapping):
+        raise InvalidRequestError(f"\"{name}\" must be a JSON object, got {value!r}")
+    return value
+
+
+def parse_request(raw: RawRequest, settings: ServingSettings) -> ExplainRequest:
+    """Interprets one request; checks form and types, not the image itself or the cost caps.
+
+    Raises:
+        InvalidRequestError, InvalidTargetError: with a message naming the problem.
+    """
+    body = raw.fields.get("data")
+    if body is None:
+        body = raw.fields.get("body")
+    if body is None or (isinstance(body, (bytes, bytearray, str)) and len(body) == 0):
+        raise InvalidRequestError("empty request: send an image as the body, a multipart field \"data\", or JSON")
+    document = _json_body(body)
+    if document is None:
+        # Raw bytes or multipart: other form fields may carry the JSON fields as text.
+        document = {key: value for key, value in raw.fields.items() if key not in ("data", "body")}
+        document["image"] = None
+        image_bytes = bytes(body)
+    else:
+        unknown = sorted(set(document) - JSON_FIELDS)
+        if unknown:
+            raise InvalidRequestError(f"unknown field(s) {unknown}; allowed: {sorted(JSON_FIELDS)}")
+        if "image" not in document:
+            raise InvalidRequestError("JSON body has no \"image\" field (base64 of the image file)")
+        image_bytes = _decode_base64_image(document["image"])
+        if not image_bytes:
+            raise InvalidRequestError("\"image\" is empty")
+
+    header = _header(raw.headers, EXPLAIN_HEADER)
+    if "explain" in document:
+        explainers = _explainer_list(document["explain"], "\"explain\"")
+    elif header is not None:
+        explainers = _explainer_list(header, "X-Explain header")
+    elif raw.explain_route:
+        explainers = settings.default_explainers
+    else:
+        explainers = ()
+
+    render = dict(_mapping(document.get("render", {}), "render"))
+    if "encoding" in document:
+        render["encoding"] = document["encoding"]
+    options = _mapping(document.get("options", {}), "options")
+    for name, value in options.items():
+        _mapping(value, f"options.{name}")
+    caps = settings.caps
+    return ExplainRequest(
+        image_bytes=image_bytes,
+        explainers=explainers,
+        target=parse_target(document.get("target"), settings),
+        top_k=_count(document.get("top_k", settings.top_k), "top_k", min(settings.num_classes, caps.max_top_k)),
+        explain_top_k=_count(document.get("explain_top_k", 1), "explain_top_k",
+                             min(settings.num_classes, caps.max_explained_classes)),
+        method_options=options,
+        render_overrides=render,
+        explain_route=raw.explain_route,
+    )
