@@ -271,9 +271,11 @@ class TorchServeProcess:
     def wait_until_ready(self, timeout: float | None = None) -> None:
         """Block until /ping says Healthy and every model has a READY worker.
 
-        Neither alone is enough: /ping reports Healthy before any model is registered (it only
-        compares running workers with minWorkers of registered models), and the management API
-        answers before /ping when the inference listener binds last.
+        Neither alone is enough: /ping reports Healthy while a model's workers are still loading
+        if its minWorkers is 0 and, with token auth, needs the inference key like any other call;
+        the management description is what shows workers READY. The frontend registers startup
+        models before it binds any listener, so once the management API answers, a model it does
+        not know failed to load: that fails at once instead of at the timeout.
         """
         deadline = time.monotonic() + (timeout if timeout is not None else self.startup_timeout)
         last_state = "not started"
@@ -468,6 +470,10 @@ class TorchServeProcess:
             return f"/ping answered {ping.status} {ping.text.strip()}"
         for name in self.models:
             reply = self.request("GET", f"/models/{name}", api="management", timeout=2.0)
+            if reply.status == 404:
+                # Startup models are registered before any listener binds, so a model unknown
+                # now failed to load and never will: say so now rather than at the timeout.
+                raise TorchServeError(f"model {name} was not registered ({reply.text.strip()})\n{self.log_tail()}")
             if reply.status != 200:
                 return f"model {name}: management API answered {reply.status}"
             description = reply.json()[0]
