@@ -31,6 +31,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import IO
 from urllib.parse import urlsplit
 
 import psutil
@@ -186,7 +187,7 @@ class TorchServeProcess:
         if clashing:
             raise ValueError(f"config sets keys TorchServeProcess manages: {sorted(clashing)}")
         self._process: subprocess.Popen | None = None
-        self._console_log = None
+        self._console_log: IO[bytes] | None = None
         self._tokens: dict[str, str] = {}
 
     # -- locations ----------------------------------------------------------------------------
@@ -249,7 +250,7 @@ class TorchServeProcess:
             command.append("--disable-token-auth")
         output = None
         if not self.console:
-            self._console_log = self.console_log.open("ab")
+            self._console_log = self.console_log.open("wb")  # this run only: log_tail shows no stale lines
             output = self._console_log
         self._process = subprocess.Popen(
             command,
