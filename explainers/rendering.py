@@ -188,7 +188,9 @@ def _validated_attribution(attribution: Any) -> torch.Tensor:
     if not isinstance(attribution, torch.Tensor):
         raise InvalidInputError(f"attribution must be a torch.Tensor, got {type(attribution).__name__}")
     if attribution.ndim != 3 or min(attribution.shape) < 1:
-        raise InvalidInputError(f"attribution must have shape [C, H, W] with C, H, W >= 1; got {list(attribution.shape)}")
+        raise InvalidInputError(
+            f"attribution must have shape [C, H, W] with C, H, W >= 1; got {list(attribution.shape)}"
+        )
     if not attribution.is_floating_point():
         raise InvalidInputError(f"attribution must be a floating-point tensor, got {attribution.dtype}")
     # float64 on the CPU: a float32 channel sum or L2 norm could overflow, and numpy needs the CPU.

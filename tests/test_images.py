@@ -83,7 +83,7 @@ LOSSLESS_CASES = {
     "tiff-i32": (lambda: encode(Image.fromarray(np.array([[-5, 0, 32768, 65535, 70000]], dtype=np.int32)), "TIFF"),
                  gray_as_rgb([[0, 0, 128, 255, 255]])),
     # mode F is read as 0..1 (0.5 -> 127.5 -> 128); NaN -> 0
-    "tiff-f": (lambda: encode(Image.fromarray(np.array([[0.0, 0.5, 1.0, 2.0, np.nan, -1.0]], dtype=np.float32)), "TIFF"),
+    "tiff-f": (lambda: encode(Image.fromarray(np.array([[0, 0.5, 1, 2, np.nan, -1]], dtype=np.float32)), "TIFF"),
                gray_as_rgb([[0, 128, 255, 255, 0, 0]])),
 }
 
@@ -133,6 +133,11 @@ def test_rgb_png_with_a_colour_key_shows_the_background():
     expected = REFERENCE_RGB.astype(int).copy()
     expected[0, 1] = (7, 8, 9)
     np.testing.assert_array_equal(pixels, expected)
+
+
+def test_sixteen_bit_png_with_a_colour_key_shows_the_background():
+    data = encode(Image.fromarray(np.array([[0, 1000, 65535]], dtype=np.uint16)), "PNG", transparency=1000)
+    np.testing.assert_array_equal(decoded_pixels(data, background=(1, 2, 3)), [[[0, 0, 0], [1, 2, 3], [255, 255, 255]]])
 
 
 def test_webp_with_alpha_is_composited():
@@ -318,6 +323,8 @@ def test_pillows_bomb_warning_becomes_our_error_and_no_global_state_changes(load
         ({"max_pixels": 1.5}, "max_pixels"),
         ({"max_pixels": MAX_PIXELS, "background": (0, 0)}, "background"),
         ({"max_pixels": MAX_PIXELS, "background": (0, 0, 256)}, "background"),
+        ({"max_pixels": MAX_PIXELS, "formats": ("PNG", "NOPE")}, "formats"),
+        ({"max_pixels": MAX_PIXELS, "formats": "PNG"}, "formats"),
     ],
 )
 def test_malformed_settings_are_invalid_options(options, name):

@@ -71,7 +71,8 @@ def test_each_reduction_and_polarity_on_a_hand_computed_example(reduce, polarity
 
 @pytest.mark.parametrize("reduce", ["max_abs", "sum", "l2"])
 def test_json_carries_the_reduced_map(reduce):
-    payload = encode_attribution(TWO_BY_TWO_BY_TWO, options=RenderOptions(encoding="json", reduce=reduce, polarity="both"))
+    options = RenderOptions(encoding="json", reduce=reduce, polarity="both")
+    payload = encode_attribution(TWO_BY_TWO_BY_TWO, options=options)
     assert payload["shape"] == [2, 2]
     np.testing.assert_allclose(payload["data"], EXPECTED_REDUCTIONS[reduce, "both"], rtol=1e-7)
 
@@ -84,7 +85,8 @@ def test_positive_polarity_pixels_and_scale():
 
 
 def test_negative_polarity_shows_magnitude_and_reports_signed_values():
-    payload = encode_attribution(one_channel([[-1.0, 0.5], [-0.25, 0.0]]), options=gray(polarity="negative", clip=FULL_RANGE))
+    options = gray(polarity="negative", clip=FULL_RANGE)
+    payload = encode_attribution(one_channel([[-1.0, 0.5], [-0.25, 0.0]]), options=options)
     # magnitudes [[1, 0], [0.25, 0]], range 0..1: 0.25 -> 63.75 -> 64; pixel 255 means -1
     np.testing.assert_array_equal(np.asarray(decode_png(payload)), [[255, 0], [64, 0]])
     assert payload["scale"] == {"min": 0.0, "max": -1.0}
@@ -194,7 +196,8 @@ def test_png_with_gray_is_an_8_bit_grayscale_image():
 
 
 def test_diverging_png_uses_the_diverging_palette():
-    image = decode_png(encode_attribution(one_channel([[-1.0, 1.0]]), options=RenderOptions(polarity="both", clip=FULL_RANGE)))
+    options = RenderOptions(polarity="both", clip=FULL_RANGE)
+    image = decode_png(encode_attribution(one_channel([[-1.0, 1.0]]), options=options))
     coolwarm = colormap_lut("coolwarm", diverging=True)
     np.testing.assert_array_equal(np.asarray(image.convert("RGB"))[0], coolwarm[[0, 255]])
 

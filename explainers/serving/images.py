@@ -73,19 +73,21 @@ def decode_image(
             width or height, or data that is truncated or corrupt.
         PayloadTooLargeError: more than ``max_pixels`` pixels (``cap="max_image_pixels"``), or
             above Pillow's own decompression-bomb limit.
-        InvalidOptionError: ``max_pixels`` or ``background`` is malformed (a configuration error).
+        InvalidOptionError: ``max_pixels``, ``background`` or ``formats`` is malformed (a
+            configuration error).
         ResourceExhaustedError: the decoder ran out of memory.
     """
     _require_positive_int("max_pixels", max_pixels)
     _require_rgb_colour(background)
+    _require_known_formats(formats)
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise ImageDecodeError(f"image data must be bytes, got {type(data).__name__}")
     if len(data) == 0:
         raise ImageDecodeError("the image is empty (0 bytes)")
 
     with warnings.catch_warnings():
-        # Scoped to this call; the size check below does not rely on it, it only makes Pillow's
-        # own bomb warning an error too.
+        # Makes Pillow's own bomb warning an error for this call. catch_warnings swaps the
+        # process-wide filter list (not thread-safe), so our size check below does not rely on it.
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             with Image.open(io.BytesIO(data), formats=list(formats)) as image:
@@ -107,7 +109,8 @@ def decode_image(
         except Exception as broken:
             # Pillow's decoders raise a wide, undocumented set of types on hostile input
             # (OSError, SyntaxError, ValueError, EOFError, struct.error...): all mean "bad image".
-            raise ImageDecodeError(f"the image is truncated or corrupt: {type(broken).__name__}: {broken}") from broken
+            message = f"the image is truncated or corrupt: {type(broken).__name__}: {broken}"
+            raise ImageDecodeError(message) from broken
 
 
 def to_model_input(
@@ -213,6 +216,14 @@ def _require_rgb_colour(colour: object) -> None:
         or not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= 255 for c in colour)
     ):
         raise InvalidOptionError(f"'background' must be three integers in 0..255, got {colour!r}")
+
+
+def _require_known_formats(formats: Sequence[str]) -> None:
+    Image.init()  # registers every plugin's opener; a no-op after the first call
+    if isinstance(formats, str) or not formats or any(
+        not isinstance(name, str) or name.upper() not in Image.OPEN for name in formats
+    ):
+        raise InvalidOptionError(f"'formats' must name image formats Pillow can open, got {formats!r}")
 
 
 def _validated_size(size: object) -> tuple[int, int]:
