@@ -1,0 +1,1 @@
+"""Serving-side building blocks that need no TorchServe: request image decoding and model inputs."""
