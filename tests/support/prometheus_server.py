@@ -97,16 +97,17 @@ class PrometheusServer:
             start_new_session=True,
         )
         try:
-            self._wait_ready()
+            self.wait_ready()
         except BaseException:
             self.stop()
             raise
         return self
 
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + self.start_timeout
+    def wait_ready(self, timeout: float | None = None) -> None:
+        """Waits for /-/ready (also usable on a server started elsewhere: set ``port`` first)."""
+        deadline = time.monotonic() + (self.start_timeout if timeout is None else timeout)
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
+            if self.proc is not None and self.proc.poll() is not None:
                 raise PrometheusError(f"prometheus exited with {self.proc.returncode}:\n{self.log()}")
             try:
                 with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as resp:
@@ -115,7 +116,7 @@ class PrometheusServer:
             except OSError:
                 pass
             time.sleep(0.1)
-        raise PrometheusError(f"prometheus not ready after {self.start_timeout}s:\n{self.log()}")
+        raise PrometheusError(f"prometheus at {self.address} not ready in time:\n{self.log()}")
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -163,7 +164,11 @@ class PrometheusServer:
             with urllib.request.urlopen(url, timeout=timeout) as resp:
                 body = json.load(resp)
         except urllib.error.HTTPError as err:
-            body = json.loads(err.read() or b"{}")
+            raw = err.read()
+            try:
+                body = json.loads(raw)
+            except ValueError:
+                raise PrometheusError(f"{path}: HTTP {err.code}: {raw[:200]!r}") from None
         if body.get("status") != "success":
             raise PrometheusError(f"{path} {params}: {body.get('errorType')}: {body.get('error')}")
         return body["data"]
