@@ -162,3 +162,66 @@ def test_every_declared_metric_has_its_declared_type(server):
         for mtype, entries in cfg[section].items():
             for entry in entries:
                 assert exported.get(entry["name"]) == mtype, (entry["name"], exported.get(entry["name"]))
+
+
+@pytest.mark.skipif(shutil.which("prometheus") is None, reason="prometheus not installed")
+def test_prometheus_scrapes_torchserve_and_dashboard_queries_run(server, scraped):
+    """A real Prometheus scraping the real TorchServe: the text format, names and labels are
+    accepted, the dashboard's queries run, and a p99 over TorchServe's buckets comes out right."""
+    import json
+    import re
+
+    from tests.support.prometheus_server import PrometheusServer
+
+    address = server.metrics.split("://", 1)[1]
+    alerts = os.path.join(ROOT, "deploy", "prometheus", "alerts.yml")
+    with PrometheusServer(targets=[address], rule_files=[alerts]) as prom:
+        prom.wait_for_target_up(timeout=30)
+        # new explain observations while Prometheus scrapes: 0.4 s lies in the (0.25, 0.5] bucket
+        op = _get("xai_stage_latency_seconds", "histogram", ["explain", "grad_cam", "probe", "Model"])
+        op["value"] = 0.4
+        for _ in range(3):
+            assert server.predict([op] * 5)[0] == 200
+            time.sleep(1.1)
+        p99 = 'histogram_quantile(0.99, sum by (le, explainer) (rate(xai_stage_latency_seconds_bucket{stage="explain"}[30s])))'
+        result = prom.wait_for(f"{p99} > 0", timeout=30)
+        assert result[0]["metric"] == {"explainer": "grad_cam"}
+        assert 0.25 < float(result[0]["value"][1]) <= 0.5
+        assert prom.query('xai_requests_total{route="predict",outcome="server_error"}')[0]["metric"]["instance"] == address
+
+        with open(os.path.join(ROOT, "deploy", "grafana", "xai-dashboard.json")) as f:
+            dash = json.load(f)
+        with_data = set()
+        for panel in dash["panels"]:
+            for t in panel.get("targets", []):
+                expr = re.sub(r"\$\{?__(rate_interval|interval|range)\}?", "30s", t["expr"])
+                expr = re.sub(r"\$\{?[A-Za-z0-9_]+\}?", ".*", expr)
+                if prom.query(expr):  # raises on any PromQL error
+                    with_data.add(panel["title"])
+        # no data is fine only where this probe emits nothing (no errors recorded, no BaseHandler...)
+        for must in ("Handler request rate by route and outcome", "Explain latency p50 / p95 / p99 by explainer",
+                     "TorchServe frontend: requests and HTTP status", "Queue latency (mean per request)",
+                     "CPU and memory utilisation (host)", "Memory (host)",
+                     "Worker model load time (a new value = a restart)"):
+            assert must in with_data, (must, sorted(with_data))
+
+
+def test_worker_restart_shows_as_a_new_workerloadtime_value(server):
+    """Runs last (it kills the worker): the restart alerts rely on WorkerLoadTime being set again,
+    under the same WorkerName, when TorchServe restarts a dead worker."""
+    def load_times():
+        return {lab["WorkerName"]: v for lab, v in _samples(server.metrics_text()).get("WorkerLoadTime", [])}
+
+    before = load_times()
+    pid_before = server.worker_pids()
+    status, body = server.predict([{"call": "exit"}])
+    assert status == 500 and b"Worker died" in body
+    deadline = time.monotonic() + 90
+    while load_times() == before:
+        assert time.monotonic() < deadline, "WorkerLoadTime did not change after the worker died"
+        time.sleep(0.5)
+    after = load_times()
+    assert set(after) == set(before)  # same WorkerName
+    assert server.worker_pids() != pid_before
+    requests_5xx = _samples(server.metrics_text())["Requests5XX"][0][1]
+    assert requests_5xx >= 1
