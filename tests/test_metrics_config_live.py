@@ -11,7 +11,6 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests", "fixtures", "metrics_probe"))
-sys.path.insert(0, ROOT)
 import probe_server  # noqa: E402
 from tests.support import prom_text  # noqa: E402
 from probe_server import ProbeServer  # noqa: E402
