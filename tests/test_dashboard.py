@@ -11,7 +11,7 @@ import subprocess
 import pytest
 import yaml
 
-from tests.support.promql_names import grafana_query_names, metric_names
+from support.promql_names import grafana_query_names, metric_names
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DASHBOARD = os.path.join(ROOT, "deploy", "grafana", "xai-dashboard.json")

@@ -5,12 +5,13 @@ import os
 import yaml
 
 import ts
+from explainers import metrics as xai_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "deploy", "torchserve", "metrics.yaml")
 TS_DEFAULT = os.path.join(os.path.dirname(ts.__file__), "configs", "metrics.yaml")
 
-# name -> (type, custom labels in emission order); ModelName and Level follow them.
+# DESIGN.md section 4 and the issue: name -> (type, our labels). ModelName and Level come first.
 CONTRACT = {
     "xai_stage_latency_seconds": ("histogram", ["stage", "explainer"]),
     "xai_requests_total": ("counter", ["route", "outcome"]),
@@ -46,15 +47,26 @@ def test_only_known_keys():
                 assert entry["unit"] and entry["unit"].replace(" ", "").isidentifier(), entry
 
 
-def test_contract_metrics_declared_with_model_labels_last():
+def test_contract_metrics_declared():
     model = _index(_load(CONFIG)["model_metrics"])
     for name, (mtype, labels) in CONTRACT.items():
         assert name in model, f"{name} missing from model_metrics"
         got_type, entry = model[name]
         assert got_type == mtype, (name, got_type)
-        # custom labels first, then ModelName, Level: ts's add_metric appends those two last and
-        # the frontend matches label values by position. Hostname is appended by the frontend.
-        assert entry["dimensions"] == labels + ["ModelName", "Level"], (name, entry["dimensions"])
+        # Hostname is appended by the frontend; declaring it would duplicate the label.
+        assert entry["dimensions"] == ["ModelName", "Level"] + labels, (name, entry["dimensions"])
+
+
+def test_config_matches_what_the_handler_emits():
+    # The frontend takes label values by position: the yaml order must be the order
+    # TorchServeRecorder emits in (explainers.metrics.torchserve_dimensions), type for type.
+    model = _index(_load(CONFIG)["model_metrics"])
+    for spec in xai_metrics.ALL_METRICS:
+        assert spec.name in model, spec.name
+        got_type, entry = model[spec.name]
+        assert got_type == spec.kind, spec.name
+        assert entry["dimensions"] == list(xai_metrics.torchserve_dimensions(spec)), spec.name
+    assert {s.name for s in xai_metrics.ALL_METRICS} == set(CONTRACT)
 
 
 def test_torchserve_defaults_kept_unchanged():

@@ -2,6 +2,7 @@
 facts deploy/torchserve/METRICS_NOTES.md relies on: exported names and label names, the fixed
 histogram buckets, the recommended emission calls, and that undeclared metrics are dropped."""
 
+import json
 import os
 import shutil
 import sys
@@ -12,7 +13,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests", "fixtures", "metrics_probe"))
 import probe_server  # noqa: E402
-from tests.support import prom_text  # noqa: E402
+from support import prom_text  # noqa: E402
 from probe_server import ProbeServer  # noqa: E402
 
 CONFIG = os.path.join(ROOT, "deploy", "torchserve", "metrics.yaml")
@@ -48,7 +49,7 @@ def _wait_for(ts, names, timeout=10.0):
 
 @pytest.fixture(scope="module")
 def server():
-    with ProbeServer(CONFIG) as ts:
+    with ProbeServer(CONFIG, pythonpath=ROOT) as ts:
         pgid = ts.proc.pid
         yield ts
     assert not probe_server._group_members(pgid), "TorchServe processes left behind"
@@ -59,29 +60,34 @@ def scraped(server):
     before = _samples(server.metrics_text())
     m = "probe"
     ops = []
+    # label values in the yaml's order: ModelName, Level, then ours
     for v in (0.003, 0.02, 3.0, 20.0):
-        op = _get("xai_stage_latency_seconds", "histogram", ["decode", "none", m, "Model"])
+        op = _get("xai_stage_latency_seconds", "histogram", [m, "Model", "decode", "none"])
         op["value"] = v
         ops.append(op)
     for name, type_, values, v in [
-        ("xai_stage_latency_seconds", "histogram", ["explain", "grad_cam", m, "Model"], 0.4),
-        ("xai_requests_total", "counter", ["explain", "ok", m, "Model"], 1),
-        ("xai_requests_total", "counter", ["explain", "ok", m, "Model"], 1),
-        ("xai_errors_total", "counter", ["invalid_image", m, "Model"], 1),
-        ("xai_explanations_total", "counter", ["grad_cam", "ok", m, "Model"], 1),
-        ("xai_explanation_bytes", "histogram", ["grad_cam", m, "Model"], 12345),
-        ("xai_explanation_quality", "histogram", ["grad_cam", "deletion_auc", m, "Model"], 0.3),
+        ("xai_stage_latency_seconds", "histogram", [m, "Model", "explain", "grad_cam"], 0.4),
+        ("xai_requests_total", "counter", [m, "Model", "explain", "ok"], 1),
+        ("xai_requests_total", "counter", [m, "Model", "explain", "ok"], 1),
+        ("xai_errors_total", "counter", [m, "Model", "invalid_image"], 1),
+        ("xai_explanations_total", "counter", [m, "Model", "grad_cam", "ok"], 1),
+        ("xai_explanation_bytes", "histogram", [m, "Model", "grad_cam"], 12345),
+        ("xai_explanation_quality", "histogram", [m, "Model", "grad_cam", "deletion_auc"], 0.3),
     ]:
         op = _get(name, type_, values)
         op["value"] = v
         ops.append(op)
-    # ts's add_metric appends ModelName and Level after the given dimensions
+    # ts's add_metric appends ModelName and Level AFTER the given dimensions (the pitfall)
     ops.append({"call": "add_metric", "name": "xai_stage_latency_seconds", "type": "histogram",
-                "value": 0.05, "unit": "s", "dims": {"stage": "encode", "explainer": "none"}})
+                "value": 0.05, "unit": "s", "dims": {"stage": "preprocess", "explainer": "none"}})
     ops.append({"call": "add_metric", "name": "xai_not_declared_total", "type": "counter",
                 "value": 1, "unit": "Count", "dims": {"x": "y"}})
+    # the project's TorchServeRecorder, as the real handler uses it
+    ops.append({"call": "recorder"})
     status, body = server.predict(ops)
     assert status == 200, body
+    # the worker imported the checkout under test, not another copy of the package
+    assert json.loads(body)["explainers"].startswith(os.path.join(ROOT, "explainers")), body
     return before, _wait_for(server, ["xai_explanation_quality_count", "ts_inference_latency_microseconds",
                                       "ts_queue_latency_microseconds"])
 
@@ -110,18 +116,38 @@ def test_histogram_names_labels_and_fixed_buckets(scraped):
     assert labels["explainer"] == "grad_cam" and labels["ModelName"] == "probe" and labels["Level"] == "Model"
 
 
-def test_add_metric_lines_up_with_custom_labels_first(scraped):
+def test_ts_add_metric_mislabels_these_metrics(scraped):
+    # The pitfall METRICS_NOTES.md warns about: values are taken by position, add_metric puts
+    # ModelName and Level last, our yaml declares them first.
     _, after = scraped
-    labels, value = _one(after, "xai_stage_latency_seconds_count", stage="encode")
-    assert (labels["explainer"], labels["ModelName"], labels["Level"], value) == ("none", "probe", "Model", 1)
+    labels, _ = _one(after, "xai_stage_latency_seconds_count", ModelName="preprocess")
+    assert (labels["Level"], labels["stage"], labels["explainer"]) == ("none", "probe", "Model")
+
+
+def test_project_recorder_emits_correct_labels(scraped):
+    _, after = scraped
+    _, v = _one(after, "xai_requests_total", route="explain", outcome="ok", ModelName="probe", Level="Model")
+    assert v == 3  # 2 from get_metric + 1 from the recorder
+    _, v = _one(after, "xai_requests_total", route="predict", outcome="server_error", ModelName="probe")
+    assert v == 1
+    _, v = _one(after, "xai_errors_total", code="invalid_image", ModelName="probe", Level="Model")
+    assert v == 2
+    _, v = _one(after, "xai_explanations_total", explainer="saliency", outcome="ok", ModelName="probe")
+    assert v == 1
+    _, v = _one(after, "xai_explanation_bytes_sum", explainer="saliency", ModelName="probe")
+    assert v == 2048
+    _, v = _one(after, "xai_explanation_quality_sum", explainer="saliency", metric="deletion_auc")
+    assert v == pytest.approx(0.42)
+    labels, v = _one(after, "xai_stage_latency_seconds_count", stage="encode")
+    assert v == 1 and labels["explainer"] == "none" and labels["ModelName"] == "probe"
 
 
 def test_counters_and_other_metrics_exported_as_declared(scraped):
     _, after = scraped
     labels, value = _one(after, "xai_requests_total", route="explain", outcome="ok")
-    assert value == 2 and set(labels) == {"route", "outcome", "ModelName", "Level", "Hostname"}
+    assert value == 3 and set(labels) == {"route", "outcome", "ModelName", "Level", "Hostname"}
     labels, value = _one(after, "xai_errors_total", code="invalid_image")
-    assert value == 1 and set(labels) == {"code", "ModelName", "Level", "Hostname"}
+    assert value == 2 and set(labels) == {"code", "ModelName", "Level", "Hostname"}
     labels, value = _one(after, "xai_explanations_total", explainer="grad_cam", outcome="ok")
     assert value == 1
     _, value = _one(after, "xai_explanation_bytes_sum", explainer="grad_cam")
@@ -170,14 +196,14 @@ def test_prometheus_scrapes_torchserve_and_dashboard_queries_run(server, scraped
     import json
     import re
 
-    from tests.support.prometheus_server import PrometheusServer
+    from support.prometheus_server import PrometheusServer
 
     address = server.metrics.split("://", 1)[1]
     alerts = os.path.join(ROOT, "deploy", "prometheus", "alerts.yml")
     with PrometheusServer(targets=[address], rule_files=[alerts]) as prom:
         prom.wait_for_target_up(timeout=30)
         # new explain observations while Prometheus scrapes: 0.4 s lies in the (0.25, 0.5] bucket
-        op = _get("xai_stage_latency_seconds", "histogram", ["explain", "grad_cam", "probe", "Model"])
+        op = _get("xai_stage_latency_seconds", "histogram", ["probe", "Model", "explain", "grad_cam"])
         op["value"] = 0.4
         for _ in range(3):
             assert server.predict([op] * 5)[0] == 200

@@ -9,7 +9,7 @@ import tempfile
 
 import pytest
 
-from tests.support.prometheus_server import PrometheusServer, find_prometheus, free_port
+from support.prometheus_server import PrometheusServer, find_prometheus, free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "deploy", "monitor.sh")

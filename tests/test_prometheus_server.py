@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from tests.support.prometheus_server import PrometheusError, PrometheusServer, find_prometheus
+from support.prometheus_server import PrometheusError, PrometheusServer, find_prometheus
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALERTS = os.path.join(ROOT, "deploy", "prometheus", "alerts.yml")

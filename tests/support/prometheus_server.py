@@ -1,6 +1,6 @@
 """A real, throwaway Prometheus server for tests (no pytest dependency, urllib only).
 
-    from tests.support.prometheus_server import PrometheusServer
+    from support.prometheus_server import PrometheusServer
 
     with PrometheusServer(targets=["127.0.0.1:8082"], rule_files=["deploy/prometheus/alerts.yml"]) as prom:
         prom.wait_for_target_up()
