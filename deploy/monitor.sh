@@ -19,17 +19,7 @@ listen="${PROMETHEUS_ADDRESS:-127.0.0.1:9090}"
 target="${TS_METRICS_ADDRESS:-127.0.0.1:8082}"
 data="${PROMETHEUS_DATA:-$root/run/prometheus}"
 
-if ! command -v prometheus >/dev/null 2>&1; then
-  if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "monitor.sh: installing prometheus with apt-get" >&2
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -q
-    apt-get install -y -q --no-install-recommends prometheus
-  else
-    echo "monitor.sh: prometheus is not installed; run 'sudo apt-get install prometheus' (or deploy/install-system-deps.sh as root)" >&2
-    exit 1
-  fi
-fi
+bash "$root/deploy/install-system-deps.sh" prometheus
 
 # TorchServe writes addresses as URLs (http://127.0.0.1:8082); Prometheus wants host:port + scheme.
 scheme=http
