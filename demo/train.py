@@ -191,9 +191,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=defaults.epochs)
     parser.add_argument("--steps-per-epoch", type=int, default=defaults.steps_per_epoch)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--held-out-size", type=int, default=defaults.held_out_size)
     args = parser.parse_args(argv)
     settings = TrainingSettings(
-        seed=args.seed, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size
+        seed=args.seed,
+        epochs=args.epochs,
+        steps_per_epoch=args.steps_per_epoch,
+        batch_size=args.batch_size,
+        held_out_size=args.held_out_size,
     )
     result = train(settings)
     save(result, args.out)
