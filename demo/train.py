@@ -180,6 +180,8 @@ def _write_atomically(path: Path, write) -> None:
         except BaseException:
             os.unlink(f.name)
             raise
+    # NamedTemporaryFile creates the file owner-only; the artefacts are meant to be shared.
+    os.chmod(f.name, 0o644)
     os.replace(f.name, path)
 
 
