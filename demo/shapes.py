@@ -143,7 +143,9 @@ def _inside_circle(u: np.ndarray, v: np.ndarray, r: np.ndarray) -> np.ndarray:
     return u * u + v * v <= r * r
 
 
-def _inside_regular_polygon(u: np.ndarray, v: np.ndarray, r: np.ndarray, sides: int, first_vertex: float) -> np.ndarray:
+def _inside_regular_polygon(
+    u: np.ndarray, v: np.ndarray, r: np.ndarray, sides: int, first_vertex: float
+) -> np.ndarray:
     # Inside a convex regular polygon = on the inner side of every edge: the projection on each
     # edge normal is at most the inradius.
     inradius = r * math.cos(math.pi / sides)

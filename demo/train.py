@@ -143,8 +143,8 @@ def save(result: TrainingResult, out_dir: Path) -> None:
     }
     # The summary and label map go first and the state last: a reader that sees a fresh state
     # file (the cache's signal) then also sees the matching label map.
-    _write_atomically(out_dir / SUMMARY_FILE, lambda f: f.write(json.dumps(summary, indent=2).encode()))
-    _write_atomically(out_dir / INDEX_TO_NAME_FILE, lambda f: f.write(json.dumps(index_to_name, indent=2).encode()))
+    _write_atomically(out_dir / SUMMARY_FILE, lambda f: f.write(_json_bytes(summary)))
+    _write_atomically(out_dir / INDEX_TO_NAME_FILE, lambda f: f.write(_json_bytes(index_to_name)))
     _write_atomically(out_dir / STATE_FILE, lambda f: torch.save(result.model.state_dict(), f))
 
 
@@ -171,6 +171,10 @@ def _training_environment(seed: int) -> Iterator[None]:
     finally:
         torch.use_deterministic_algorithms(previous_deterministic)
         torch.set_num_threads(previous_threads)
+
+
+def _json_bytes(value: object) -> bytes:
+    return json.dumps(value, indent=2).encode()
 
 
 def _write_atomically(path: Path, write) -> None:

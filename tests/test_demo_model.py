@@ -43,8 +43,12 @@ def to_pil(image: np.ndarray) -> Image.Image:
 
 def test_model_file_stands_alone_for_torchserve() -> None:
     tree = ast.parse(Path(allconv.__file__).read_text())
-    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            imported.add(node.module.split(".")[0])
     assert imported <= {"torch", "__future__"}
     classes = [node.name for node in tree.body if isinstance(node, ast.ClassDef)]
     assert classes == ["AllConvNet"]
@@ -90,8 +94,8 @@ def test_training_is_deterministic_for_a_seed_and_restores_torch_state() -> None
 
 
 def test_cli_writes_state_label_map_and_summary(tmp_path: Path) -> None:
-    training.main(["--out", str(tmp_path), "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "8",
-                   "--held-out-size", "10"])
+    tiny = ["--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "8", "--held-out-size", "10"]
+    training.main(["--out", str(tmp_path), *tiny])
     index_to_name = json.loads((tmp_path / training.INDEX_TO_NAME_FILE).read_text())
     assert index_to_name == {str(i): name for i, name in enumerate(shapes.CLASS_NAMES)}
     summary = json.loads((tmp_path / training.SUMMARY_FILE).read_text())

@@ -104,13 +104,14 @@ def test_other_image_sizes_scale_the_shapes() -> None:
 
 
 # Areas in units of the squared circumradius R^2, from each shape's own geometry.
-CROSS_HALF_LENGTH_SQUARED = 1 / (1 + shapes.CROSS_ARM_WIDTH_RATIO**2)
+CROSS_WIDTH = shapes.CROSS_ARM_WIDTH_RATIO
+CROSS_HALF_LENGTH_SQUARED = 1 / (1 + CROSS_WIDTH**2)
 EXPECTED_AREA_OVER_R2 = {
     "circle": math.pi,
     "square": 2.0,
     "triangle": 3 * math.sqrt(3) / 4,
     # two 2L x 2w arms minus their 2w x 2w overlap, with w = 0.3 L
-    "cross": (8 * shapes.CROSS_ARM_WIDTH_RATIO - 4 * shapes.CROSS_ARM_WIDTH_RATIO**2) * CROSS_HALF_LENGTH_SQUARED,
+    "cross": (8 * CROSS_WIDTH - 4 * CROSS_WIDTH**2) * CROSS_HALF_LENGTH_SQUARED,
     # ten triangles (centre, tip, inner vertex)
     "star": 5 * shapes.STAR_INNER_RATIO * math.sin(math.pi / 5),
 }
@@ -130,10 +131,9 @@ def test_drawn_shape_has_its_geometric_area_and_is_centred(name: str) -> None:
 def test_clean_drawing_is_exactly_two_colours() -> None:
     foreground, background = (0.9, 0.1, 0.1), (0.1, 0.1, 0.15)
     image, mask = shapes.draw_shape("circle", foreground=foreground, background=background)
-    np.testing.assert_array_equal(image[:, mask], np.broadcast_to(np.float32(foreground)[:, None], image[:, mask].shape))
-    np.testing.assert_array_equal(
-        image[:, ~mask], np.broadcast_to(np.float32(background)[:, None], image[:, ~mask].shape)
-    )
+    for region, colour in ((mask, foreground), (~mask, background)):
+        pixels = image[:, region]
+        np.testing.assert_array_equal(pixels, np.broadcast_to(np.float32(colour)[:, None], pixels.shape))
 
 
 def test_unrotated_triangle_points_up_and_square_is_axis_aligned() -> None:
@@ -173,7 +173,8 @@ def test_pil_input_is_resized_bilinearly_converted_to_rgb_and_normalised() -> No
 
 
 def test_bytes_and_pil_paths_agree() -> None:
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (90, 70, 4), dtype=np.uint8), mode="RGBA")
+    pixels = np.random.default_rng(0).integers(0, 256, (90, 70, 4), dtype=np.uint8)
+    image = Image.fromarray(pixels, mode="RGBA")
     encoded = io.BytesIO()
     image.save(encoded, format="PNG")
     torch.testing.assert_close(bytes_to_model_input(encoded.getvalue()), pil_to_model_input(image))
