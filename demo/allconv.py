@@ -18,7 +18,7 @@ class AllConvNet(nn.Module):
         super().__init__()
         # (in, out, stride) per 3x3 conv; 64 -> 32 -> 16 -> 8 spatially. Striding from the first
         # layer keeps a CPU training step cheap; the receptive field (55 px) still spans the
-        # largest shape (40 px).
+        # largest shape (48 px).
         plan = [
             (3, width // 2, 2),
             (width // 2, width, 2),
