@@ -19,7 +19,7 @@ system-deps:
 	bash deploy/install-system-deps.sh
 
 test: $(STAMP) system-deps
-	$(PY) -m pytest -q
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q
 
 # Trains the demo model if its cached weights are missing or stale, then archives it if needed.
 model-store: $(STAMP)
