@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -20,6 +21,10 @@ from .settings import ServingSettings
 
 JSON_FIELDS = frozenset({"image", "explain", "target", "encoding", "top_k", "explain_top_k", "options", "render"})
 EXPLAIN_HEADER = "x-explain"
+HOW_TO_SEND = ("send the image file as the body with its type (curl --data-binary @image.png -H "
+               "'Content-Type: image/png'), as multipart field \"data\" (curl -F data=@image.png), or as "
+               "JSON {\"image\": \"<base64>\"} with Content-Type: application/json")
+PREVIEW_CHARS = 80  # client values echoed in error messages are cut to this length
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,22 @@ class ExplainRequest:
         return "explain" if self.explain_route or self.explainers else "predict"
 
 
+def _preview(value: object) -> str:
+    """``repr(value)``, cut short: error messages must not echo a whole request back."""
+    text = repr(value)
+    return text if len(text) <= PREVIEW_CHARS else text[:PREVIEW_CHARS] + f"... ({len(text)} chars)"
+
+
+def _text(value: bytes | bytearray | str) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, (bytes, bytearray)) else value
+
+
+def _decimal(text: str) -> bool:
+    """A short run of ASCII digits: ``str.isdigit`` also accepts '²', which ``int()`` rejects, and
+    ``int()`` refuses strings of more than 4300 digits."""
+    return text.isascii() and text.isdigit() and len(text) <= 18
+
+
 def _header(headers: Mapping[str, str], name: str) -> str | None:
     for key, value in headers.items():
         if key.lower() == name:
@@ -66,6 +87,8 @@ def _json_body(body: object) -> Mapping | None:
         raise InvalidRequestError("JSON body must be an object with an \"image\" field, got an array")
     if isinstance(body, str):
         text = body
+        if not text.lstrip().startswith(("{", "[")):
+            raise InvalidRequestError(f"the body is text, neither an image nor a JSON object: {HOW_TO_SEND}")
     elif isinstance(body, (bytes, bytearray)):
         stripped = bytes(body).lstrip()
         if not stripped.startswith((b"{", b"[")):
@@ -75,11 +98,13 @@ def _json_body(body: object) -> Mapping | None:
         except UnicodeDecodeError:
             return None  # a binary image that happens to start with '{'
     else:
-        raise InvalidRequestError(f"unsupported request body of type {type(body).__name__}")
+        raise InvalidRequestError(f"unsupported request body of type {type(body).__name__}: {HOW_TO_SEND}")
     try:
         parsed = json.loads(text)
     except ValueError as error:
         raise InvalidRequestError(f"malformed JSON body: {error}") from None
+    except RecursionError:
+        raise InvalidRequestError("malformed JSON body: nested too deeply") from None
     if not isinstance(parsed, Mapping):
         raise InvalidRequestError(f"JSON body must be an object with an \"image\" field, got {type(parsed).__name__}")
     return parsed
@@ -104,8 +129,9 @@ def _explainer_list(value: object, source: str) -> tuple[str, ...]:
     elif isinstance(value, list) and all(isinstance(name, str) for name in value):
         names = [name.strip() for name in value]
     else:
-        raise InvalidRequestError(f"{source} must be a list of explainer names or a comma-separated string, got {value!r}")
-    duplicates = sorted({name for name in names if names.count(name) > 1})
+        raise InvalidRequestError(
+            f"{source} must be a list of explainer names or a comma-separated string, got {_preview(value)}")
+    duplicates = sorted(name for name, count in Counter(names).items() if count > 1)[:10]
     if duplicates:
         raise InvalidRequestError(f"explainer(s) requested twice: {duplicates}")
     return tuple(names)
@@ -124,28 +150,39 @@ def parse_target(value: object, settings: ServingSettings) -> int | None:
     if isinstance(value, str):
         if value in settings.class_names:
             return settings.class_names.index(value)
-        if not value.strip().isdigit():
-            raise InvalidTargetError(f"unknown class label {value!r}; labels: {list(settings.class_names)}")
+        if not _decimal(value.strip()):
+            raise InvalidTargetError(f"unknown class label {_preview(value)}; labels: {list(settings.class_names)}")
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidTargetError(f"target must be a class index or label, got {value!r}")
+        raise InvalidTargetError(f"target must be a class index or label, got {_preview(value)}")
     if not 0 <= value < settings.num_classes:
         raise InvalidTargetError(f"target class index {value} out of range [0, {settings.num_classes})")
     return value
 
 
 def _count(value: object, name: str, maximum: int) -> int:
-    if isinstance(value, (bytes, bytearray, str)) and str(value if isinstance(value, str) else value.decode()).isdigit():
-        value = int(value)
+    if isinstance(value, (bytes, bytearray, str)) and _decimal(_text(value).strip()):
+        value = int(_text(value))
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
-        raise InvalidRequestError(f"{name} must be an integer in [1, {maximum}], got {value!r}")
+        raise InvalidRequestError(f"{name} must be an integer in [1, {maximum}], got {_preview(value)}")
     return value
 
 
 def _mapping(value: object, name: str) -> Mapping:
     if not isinstance(value, Mapping):
-        raise InvalidRequestError(f"\"{name}\" must be a JSON object, got {value!r}")
+        raise InvalidRequestError(f"\"{name}\" must be a JSON object, got {_preview(value)}")
     return value
+
+
+def _missing_image_message(raw: RawRequest) -> str:
+    content_type = (_header(raw.headers, "content-type") or "").split(";")[0].strip().lower()
+    if content_type == "application/x-www-form-urlencoded":
+        # curl -d sends this by default; TorchServe then splits the bytes into form fields.
+        return f"a form-urlencoded body (curl -d) cannot carry an image: {HOW_TO_SEND}"
+    fields = sorted(str(key) for key in raw.fields if key not in ("data", "body"))
+    if fields:
+        return f"no image in the request (form fields {_preview(fields[:5])}, none named \"data\"): {HOW_TO_SEND}"
+    return f"empty request: {HOW_TO_SEND}"
 
 
 def parse_request(raw: RawRequest, settings: ServingSettings) -> ExplainRequest:
@@ -158,7 +195,7 @@ def parse_request(raw: RawRequest, settings: ServingSettings) -> ExplainRequest:
     if body is None:
         body = raw.fields.get("body")
     if body is None or (isinstance(body, (bytes, bytearray, str)) and len(body) == 0):
-        raise InvalidRequestError("empty request: send an image as the body, a multipart field \"data\", or JSON")
+        raise InvalidRequestError(_missing_image_message(raw))
     document = _json_body(body)
     if document is None:
         # Raw bytes or multipart: other form fields may carry the JSON fields as text.
@@ -168,7 +205,7 @@ def parse_request(raw: RawRequest, settings: ServingSettings) -> ExplainRequest:
     else:
         unknown = sorted(set(document) - JSON_FIELDS)
         if unknown:
-            raise InvalidRequestError(f"unknown field(s) {unknown}; allowed: {sorted(JSON_FIELDS)}")
+            raise InvalidRequestError(f"unknown field(s) {_preview(unknown[:10])}; allowed: {sorted(JSON_FIELDS)}")
         if "image" not in document:
             raise InvalidRequestError("JSON body has no \"image\" field (base64 of the image file)")
         image_bytes = _decode_base64_image(document["image"])
