@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from .errors import InvalidOptionError
 
 
@@ -25,6 +27,6 @@ def fraction(name: str, value: object, *, allow_zero: bool = True) -> float:
 
 
 def number(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidOptionError(f"{name} must be a number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidOptionError(f"{name} must be a finite number, got {value!r}")
     return float(value)
