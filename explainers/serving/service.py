@@ -62,6 +62,18 @@ def _failure(error: BaseException) -> PluginError:
     return ExplanationFailedError(f"{type(error).__name__}: {error}")
 
 
+def _rows_per_forward(explainer: Explainer) -> tuple[int, str]:
+    """The batch one forward pass of a batched method gets, and the option that sets it."""
+    if isinstance(explainer, IntegratedGradientsExplainer):
+        return min(explainer.internal_batch_size or explainer.n_steps, explainer.n_steps), "internal_batch_size"
+    if isinstance(explainer, SmoothGradExplainer):
+        return min(explainer.batch_size or explainer.samples, explainer.samples), "batch_size"
+    if isinstance(explainer, OcclusionExplainer):
+        # Captum repeats the input this many times whatever the number of windows.
+        return explainer.perturbations_per_eval, "perturbations_per_eval"
+    return 1, ""
+
+
 class ExplanationService:
     """Serves predictions, with explanations for the requests that ask for them."""
 
@@ -174,6 +186,12 @@ class ExplanationService:
             raise CostCapExceededError(
                 f"smoothgrad samples={explainer.samples} exceeds the cap of {caps.max_smoothgrad_samples}",
                 cap="max_smoothgrad_samples")
+        rows, option = _rows_per_forward(explainer)
+        if rows > caps.max_batch_per_forward:
+            raise CostCapExceededError(
+                f"{explainer.name} would run {rows} rows in one forward pass, over the cap of "
+                f"{caps.max_batch_per_forward}: set its option {option} to at most that",
+                cap="max_batch_per_forward")
         if isinstance(explainer, OcclusionExplainer):
             evaluations = explainer.evaluations(*self.settings.input_size)
             if evaluations > caps.max_occlusion_evaluations:

@@ -26,6 +26,10 @@ class CostCaps:
     max_smoothgrad_samples: int = 50
     max_occlusion_evaluations: int = 1024
     max_top_k: int = 10
+    # Rows one forward pass of a batched method may take (integrated_gradients internal_batch_size,
+    # else n_steps; smoothgrad batch_size, else samples; occlusion perturbations_per_eval): bounds
+    # the memory a request can make a worker allocate at once.
+    max_batch_per_forward: int = 128
     # Side of the grid maps are averaged down to before they leave the server (None: full maps).
     coarse_output: int | None = None
 
