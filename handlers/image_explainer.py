@@ -46,6 +46,18 @@ class ImageExplainerHandler:
         logger.info("model %s loaded on %s", context.model_name, device)
 
     def handle(self, data, context):
+        try:
+            return self._handle(data, context)
+        except Exception:
+            # TorchServe answers every request of the batch with 503 when handle() raises; a bug
+            # here gets a typed 500 per request instead, and the worker keeps serving.
+            logger.exception("unexpected error while handling a batch")
+            error = {"error": {"code": "internal", "message": "internal error while handling the request"}}
+            for index in range(len(data or [])):
+                context.set_response_status(500, "internal", index)
+            return [error for _ in data or []]
+
+    def _handle(self, data, context):
         envelope = self.service.settings.envelope
         if envelope:
             return self._handle_instances(envelope, data, context)
