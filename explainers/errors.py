@@ -77,6 +77,10 @@ class ExplainerNotAllowedError(PluginError, PermissionError):
 
     code = "explainer_not_allowed"
     http_status = 403
+    cap = "allowed_explainers"  # the model-config.yaml setting that refused it
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "cap": self.cap}
 
 
 class CostCapExceededError(PluginError, ValueError):

@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from ..errors import InvalidRequestError, InvalidTargetError
+from ..errors import CostCapExceededError, InvalidRequestError, InvalidTargetError
 from .settings import ServingSettings
 
 JSON_FIELDS = frozenset({"image", "explain", "target", "encoding", "top_k", "explain_top_k", "options", "render"})
@@ -71,7 +71,7 @@ def _decimal(text: str) -> bool:
 def _header(headers: Mapping[str, str], name: str) -> str | None:
     for key, value in headers.items():
         if key.lower() == name:
-            return value.decode() if isinstance(value, (bytes, bytearray)) else value
+            return _text(value)
     return None
 
 
@@ -160,11 +160,14 @@ def parse_target(value: object, settings: ServingSettings) -> int | None:
     return value
 
 
-def _count(value: object, name: str, maximum: int) -> int:
+def _count(value: object, name: str, maximum: int, cap: str, cap_value: int) -> int:
+    """An integer in [1, maximum]; above ``cap_value`` (the model's cost cap) it names the cap."""
     if isinstance(value, (bytes, bytearray, str)) and _decimal(_text(value).strip()):
         value = int(_text(value))
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
-        raise InvalidRequestError(f"{name} must be an integer in [1, {maximum}], got {_preview(value)}")
+        raise InvalidRequestError(f"{name} must be an integer in [1, {min(maximum, cap_value)}], got {_preview(value)}")
+    if value > cap_value:
+        raise CostCapExceededError(f"{name}={value} exceeds this model's cap of {cap_value}", cap=cap)
     return value
 
 
@@ -186,10 +189,11 @@ def _missing_image_message(raw: RawRequest) -> str:
 
 
 def parse_request(raw: RawRequest, settings: ServingSettings) -> ExplainRequest:
-    """Interprets one request; checks form and types, not the image itself or the cost caps.
+    """Interprets one request; checks form and types, not the image itself or the explainer caps.
 
     Raises:
         InvalidRequestError, InvalidTargetError: with a message naming the problem.
+        CostCapExceededError: ``top_k`` or ``explain_top_k`` above the model's cap.
     """
     body = raw.fields.get("data")
     if body is None:
@@ -233,9 +237,9 @@ def parse_request(raw: RawRequest, settings: ServingSettings) -> ExplainRequest:
         image_bytes=image_bytes,
         explainers=explainers,
         target=parse_target(document.get("target"), settings),
-        top_k=_count(document.get("top_k", settings.top_k), "top_k", min(settings.num_classes, caps.max_top_k)),
-        explain_top_k=_count(document.get("explain_top_k", 1), "explain_top_k",
-                             min(settings.num_classes, caps.max_explained_classes)),
+        top_k=_count(document.get("top_k", settings.top_k), "top_k", settings.num_classes, "max_top_k", caps.max_top_k),
+        explain_top_k=_count(document.get("explain_top_k", 1), "explain_top_k", settings.num_classes,
+                             "max_explained_classes", caps.max_explained_classes),
         method_options=options,
         render_overrides=render,
         explain_route=raw.explain_route,
