@@ -58,7 +58,7 @@ def _failure(error: BaseException) -> PluginError:
     if isinstance(error, PluginError):
         return error
     if isinstance(error, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(error):
-        return ResourceExhaustedError(f"out of memory: {error}")
+        return ResourceExhaustedError(f"out of memory: {error or type(error).__name__}")
     return ExplanationFailedError(f"{type(error).__name__}: {error}")
 
 
