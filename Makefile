@@ -29,7 +29,7 @@ model-store: $(STAMP)
 serve: model-store
 	bash deploy/install-system-deps.sh java
 	$(PY) -m serving_tools.serve --model-store model_store --models shapes=shapes.mar \
-	  --config deploy/torchserve/local.properties
+	  --config deploy/torchserve/local.properties --example-image docs/examples/circle.png
 
 # Prometheus in the foreground, scraping TS_METRICS_ADDRESS (default 127.0.0.1:8082).
 monitor:
