@@ -8,6 +8,7 @@ import base64
 import io
 import logging
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,9 @@ class FakeClock:
 
     def perf_counter(self) -> float:
         return self.readings.pop(0)
+
+    def time(self) -> float:  # the wall-clock stamp on TorchServe's metric lines
+        return 1_700_000_000.0
 
 
 def sample(registry: CollectorRegistry, name: str, **labels) -> float | None:
@@ -176,12 +180,50 @@ def declared_model_metrics() -> dict[str, tuple[MetricTypes, list[str]]]:
             for kind, entries in config["model_metrics"].items() for entry in entries}
 
 
-class FakeMetric:
-    def __init__(self, cache: "FakeMetricsCache", name: str):
-        self.cache, self.name = cache, name
+METRIC_LINE = re.compile(r"^\[METRICS\](?P<name>[^.:]+)\.(?P<unit>[\w ]+):(?P<value>[0-9\-,.e]+)\|#(?P<dims>[^|]*)"
+                         r"\|#type:(?P<type>[A-Z]+)\|#hostname:[^,]+,\d+(,.*)?$")  # the frontend's pattern, stricter
 
-    def add_or_update(self, value, dimension_values=(), request_id=""):
-        self.cache.calls.append(("add_or_update", self.name, value, list(dimension_values)))
+
+def parse_line(line: str) -> tuple[str, float, list[tuple[str, str]], str]:
+    """(name, value, [(dimension name, value)...], TYPE) of one [METRICS] line."""
+    m = METRIC_LINE.match(line)
+    assert m, f"the frontend cannot parse {line!r}"
+    return m["name"], float(m["value"]), [tuple(pair.split(":", 1)) for pair in m["dims"].split(",")], m["type"]
+
+
+class PrintedLines(logging.Handler):
+    """Collects the lines printed through ts's metrics logger (one record may hold several lines)."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+        self.records = 0
+
+    def emit(self, record):
+        self.records += 1
+        self.lines.extend(record.getMessage().split("\n"))
+
+    def metric_lines(self) -> list[str]:
+        return [line for line in self.lines if line.startswith("[METRICS]") and not line.startswith("[METRICS]Failed")]
+
+
+@pytest.fixture
+def printed():
+    capture = PrintedLines()
+    logger = logging.getLogger(TorchServeRecorder.LOGGER_NAME)
+    level = logger.level
+    logger.addHandler(capture)
+    logger.setLevel(logging.INFO)
+    yield capture
+    logger.removeHandler(capture)
+    logger.setLevel(level)
+
+
+class FakeMetric:
+    """What the recorder reads from a ts CachingMetric: name, unit, dimension names, type."""
+
+    def __init__(self, name: str, unit: str, dimension_names: list[str], metric_type: MetricTypes):
+        self.metric_name, self.unit, self.dimension_names, self.metric_type = name, unit, dimension_names, metric_type
 
 
 class FakeMetricsCache:
@@ -195,10 +237,7 @@ class FakeMetricsCache:
         self.calls.append(("get_metric", name, metric_type))
         if name not in self.declared or self.declared[name][0] != metric_type:
             raise KeyError(f"{metric_type}:{name} is not declared in metrics.yaml")  # as MetricsCacheKeyError
-        return FakeMetric(self, name)
-
-    def updates(self):
-        return [call[1:] for call in self.calls if call[0] == "add_or_update"]
+        return FakeMetric(name, "unit", list(self.declared[name][1]), metric_type)
 
     # TorchServe's convenience calls put ModelName/Level last: the recorder must never use them.
     def add_metric(self, *args, **kwargs):
@@ -207,20 +246,29 @@ class FakeMetricsCache:
     add_time = add_counter = add_size = add_percent = add_metric
 
 
-def torchserve_metrics(cache, model_name="shapes") -> Metrics:
-    return Metrics(TorchServeRecorder(cache, model_name, MetricTypes.COUNTER, MetricTypes.HISTOGRAM))
+def torchserve_metrics(cache, model_name="shapes", background=False) -> Metrics:
+    return Metrics(TorchServeRecorder(cache, model_name, MetricTypes.COUNTER, MetricTypes.HISTOGRAM,
+                                      background=background))
 
 
-def assert_declared(cache: FakeMetricsCache, model_name="shapes"):
-    """Every update names a declared metric and gives one value per declared dimension, in order."""
-    for name, value, values in cache.updates():
-        assert name in cache.declared, f"{name} is not declared in metrics.yaml (the frontend drops it)"
-        dimensions = cache.declared[name][1]
-        assert len(values) == len(dimensions), (name, values, dimensions)
-        assert values[:2] == [model_name, "Model"], (name, values)
+def updates(printed: PrintedLines) -> list[tuple[str, float, list[str]]]:
+    """(name, value, dimension values) of every metric line printed, checked against metrics.yaml:
+    a declared metric of the declared type, one value per declared dimension, in the declared order."""
+    declared = declared_model_metrics()
+    out = []
+    for line in printed.metric_lines():
+        name, value, dimensions, kind = parse_line(line)
+        assert name in declared, f"{name} is not declared in metrics.yaml (the frontend drops it)"
+        assert kind == declared[name][0].name, line
+        assert [n for n, _ in dimensions] == declared[name][1], (line, declared[name][1])
+        values = [v for _, v in dimensions]
+        assert values[:2] == ["shapes", "Model"], line
         for value_ in values:
-            assert isinstance(value_, str) and value_ and not re.search(r"[,:|]", value_), (name, values)
-        assert isinstance(value, (int, float)) and value >= 0, (name, value)
+            assert value_ and not re.search(r"[,:|]", value_), line
+        assert value >= 0, line
+        out.append((name, value, values))
+    assert not [line for line in printed.lines if "Failed" in line], printed.lines
+    return out
 
 
 def test_recorder_fetches_each_declared_metric_once_with_its_type():
@@ -242,13 +290,12 @@ def test_recorder_refuses_to_start_against_a_config_without_our_metrics():
         torchserve_metrics(cache)
 
 
-def test_recorder_emits_model_name_level_then_our_labels(monkeypatch):
+def test_recorder_emits_model_name_level_then_our_labels(monkeypatch, printed):
     cache = FakeMetricsCache()
     metrics = torchserve_metrics(cache)
-    zero = cache.updates()
-    assert zero == [("xai_requests_total", 0, ["shapes", "Model", route, outcome])
-                    for route in ("predict", "explain") for outcome in ("ok", "client_error", "server_error")]
-    cache.calls.clear()
+    assert updates(printed) == [("xai_requests_total", 0, ["shapes", "Model", route, outcome])
+                                for route in ("predict", "explain") for outcome in ("ok", "client_error", "server_error")]
+    printed.lines.clear()
     monkeypatch.setattr(xm, "time", FakeClock(0.0, 0.25, 1.0, 1.5))
     with metrics.stage("preprocess"):
         pass
@@ -260,7 +307,7 @@ def test_recorder_emits_model_name_level_then_our_labels(monkeypatch):
     metrics.explanation("saliency", ok=True, payload_bytes=2048)
     metrics.explanation("saliency", ok=False)
     metrics.quality("saliency", "deletion_auc", 0.42)
-    assert cache.updates() == [
+    assert updates(printed) == [
         ("xai_stage_latency_seconds", 0.25, ["shapes", "Model", "preprocess", "none"]),
         ("xai_stage_latency_seconds", 0.5, ["shapes", "Model", "explain", "grad_cam"]),
         ("xai_requests_total", 1, ["shapes", "Model", "explain", "client_error"]),
@@ -270,12 +317,60 @@ def test_recorder_emits_model_name_level_then_our_labels(monkeypatch):
         ("xai_explanations_total", 1, ["shapes", "Model", "saliency", "error"]),
         ("xai_explanation_quality", 0.42, ["shapes", "Model", "saliency", "deletion_auc"]),
     ]
-    assert_declared(cache)
     # label values sit where metrics.yaml declares their names
-    for name, _, values in cache.updates():
-        named = dict(zip(cache.declared[name][1], values))
+    for line in printed.metric_lines():
+        name, _, dimensions, _ = parse_line(line)
         spec = next(s for s in xm.ALL_METRICS if s.name == name)
-        assert list(named) == ["ModelName", "Level", *spec.labels]
+        assert [n for n, _ in dimensions] == ["ModelName", "Level", *spec.labels]
+
+
+def test_recorder_drops_what_the_frontend_would_refuse(printed):
+    cache = FakeMetricsCache()
+    cache.declared["xai_errors_total"] = (MetricTypes.COUNTER, ["ModelName", "Level"])  # one dimension short
+    metrics = torchserve_metrics(cache)
+    printed.lines.clear()
+    metrics.error("internal")
+    metrics.error("internal")
+    metrics.recorder.increment(xm.REQUESTS, -1, route="predict", outcome="ok")
+    assert printed.metric_lines() == []
+    failures = [line for line in printed.lines if "Failed to update metric" in line]
+    assert len(failures) == 2  # the bad label set is reported once, the negative increment once
+
+
+def test_background_recorder_prints_the_same_lines_later_in_one_call(monkeypatch, printed):
+    monkeypatch.setattr(xm, "time", FakeClock(*[float(t) for t in range(16)]))
+    background = Metrics(TorchServeRecorder(FakeMetricsCache(), "shapes", MetricTypes.COUNTER, MetricTypes.HISTOGRAM,
+                                            flush_interval=3600))  # only flush() prints here
+    background.recorder.flush()  # the zero-initialised series
+    printed.lines.clear()
+    records = printed.records
+    for stage in ("decode", "preprocess", "inference"):
+        with background.stage(stage):
+            pass
+    background.request("predict", 200)
+    background.request("predict", 400)
+    queued = printed.metric_lines()
+    background.recorder.flush()
+    lines = printed.metric_lines()
+    assert queued == [] and printed.records - records == 1
+    assert [(name, value, values[2:]) for name, value, values in updates(printed)] == [
+        ("xai_stage_latency_seconds", 1.0, ["decode", "none"]),
+        ("xai_stage_latency_seconds", 1.0, ["preprocess", "none"]),
+        ("xai_stage_latency_seconds", 1.0, ["inference", "none"]),
+        ("xai_requests_total", 1, ["predict", "ok"]),
+        ("xai_requests_total", 1, ["predict", "client_error"]),
+    ]
+
+
+def test_background_writer_prints_on_its_own(printed):
+    metrics = Metrics(TorchServeRecorder(FakeMetricsCache(), "shapes", MetricTypes.COUNTER, MetricTypes.HISTOGRAM,
+                                         flush_interval=0.01))
+    metrics.error("invalid_image")
+    deadline = time.monotonic() + 5
+    while not any("xai_errors_total" in line for line in printed.metric_lines()):
+        assert time.monotonic() < deadline, "the writer thread printed nothing"
+        time.sleep(0.01)
+    assert len(updates(printed)) == 7  # six zero-initialised request series, one error
 
 
 CLASSES = ["circle", "square", "triangle", "cross"]
@@ -329,42 +424,55 @@ def test_service_batch_into_prometheus_registry():
     assert count("encode") == 4
 
 
-def test_service_batch_through_torchserve_backend_emits_only_declared_metrics():
-    cache = FakeMetricsCache()
-    replies = service_with(torchserve_metrics(cache)).handle(mixed_batch())
+def test_service_batch_through_torchserve_backend_emits_only_declared_metrics(printed):
+    metrics = torchserve_metrics(FakeMetricsCache(), background=True)
+    replies = service_with(metrics).handle(mixed_batch())
     assert [r.status for r in replies] == [200, 200, 200, 400, 400, 200]
-    assert_declared(cache)
-    emitted = {(name, tuple(values[2:])) for name, _, values in cache.updates()}
+    metrics.recorder.flush()
+    emitted = {(name, tuple(values[2:])) for name, _, values in updates(printed)}
     assert ("xai_stage_latency_seconds", ("explain", "saliency")) in emitted
     assert ("xai_requests_total", ("predict", "client_error")) in emitted
     assert ("xai_errors_total", ("invalid_image",)) in emitted
     assert ("xai_explanation_bytes", ("grad_cam",)) in emitted
 
 
-METRIC_LINE = re.compile(r"^\[METRICS\](?P<name>[^.:]+)\.(?P<unit>[\w ]+):(?P<value>[^|]+)\|#(?P<dims>[^|]*)"
-                         r"\|#type:(?P<type>[A-Z]+)\|#hostname:[^,]+,\d+(,.*)?$")
-
-
-def test_real_torchserve_metrics_cache_prints_lines_the_frontend_accepts(caplog):
-    """Through ts's own MetricsCacheYamlImpl loaded from metrics.yaml: every printed [METRICS] line
-    parses, names a declared metric of the declared type, and its dimensions are the yaml's, in order."""
+def real_cache() -> MetricsCacheYamlImpl:
     cache = MetricsCacheYamlImpl(config_file_path=str(METRICS_YAML))
     cache.initialize_cache()
-    with caplog.at_level(logging.INFO, logger="ts.metrics"):
-        replies = service_with(torchserve_metrics(cache)).handle(mixed_batch())
+    return cache
+
+
+def test_real_torchserve_metrics_cache_lines_are_the_frontend_s(printed):
+    """Through ts's own MetricsCacheYamlImpl loaded from metrics.yaml, the whole service: every
+    printed line parses, names a declared metric of its declared type, with the yaml's dimensions."""
+    metrics = torchserve_metrics(real_cache(), background=True)
+    replies = service_with(metrics).handle(mixed_batch())
     assert [r.status for r in replies] == [200, 200, 200, 400, 400, 200]
-    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[METRICS]")]
-    assert not [line for line in lines if "Failed" in line]
-    declared = declared_model_metrics()
-    seen = set()
-    for line in lines:
-        m = METRIC_LINE.match(line)
-        assert m, line
-        kind, dimensions = declared[m["name"]]
-        assert m["type"] == kind.name, line
-        pairs = [pair.split(":", 1) for pair in m["dims"].split(",")]
-        assert [name for name, _ in pairs] == dimensions, line
-        assert [value for _, value in pairs][:2] == ["shapes", "Model"], line
-        float(m["value"])
-        seen.add(m["name"])
+    metrics.recorder.flush()
+    seen = {name for name, _, _ in updates(printed)}
     assert seen == {spec.name for spec in xm.ALL_METRICS} - {"xai_explanation_quality"}
+
+
+def test_lines_equal_what_ts_add_or_update_prints(printed):
+    """Our cheaper formatting prints exactly ts's own line (up to the time stamp) for every metric."""
+    cache = real_cache()
+    recorder = TorchServeRecorder(cache, "shapes", MetricTypes.COUNTER, MetricTypes.HISTOGRAM, background=False)
+    observations = [(xm.STAGE_LATENCY, 0.0123, {"stage": "explain", "explainer": "grad_cam"}),
+                    (xm.STAGE_LATENCY, 2.5e-05, {"stage": "decode", "explainer": "none"}),
+                    (xm.REQUESTS, 1, {"route": "predict", "outcome": "ok"}),
+                    (xm.ERRORS, 1, {"code": "invalid_image"}),
+                    (xm.EXPLANATIONS, 1, {"explainer": "saliency", "outcome": "error"}),
+                    (xm.EXPLANATION_BYTES, 4096, {"explainer": "saliency"}),
+                    (xm.EXPLANATION_QUALITY, 0.42, {"explainer": "saliency", "metric": "deletion_auc"})]
+    ours, theirs = [], []
+    for spec, value, labels in observations:
+        printed.lines.clear()
+        recorder.observe(spec, value, **labels)
+        ours += printed.lines
+        printed.lines.clear()
+        metric = cache.get_metric(spec.name, TYPES[spec.kind])
+        metric.add_or_update(value, ["shapes", "Model", *(labels[n] for n in spec.labels)])
+        theirs += printed.lines
+    stamp = re.compile(r",\d+$")
+    assert [stamp.sub("", line) for line in ours] == [stamp.sub("", line) for line in theirs]
+    assert len(ours) == len(observations)
