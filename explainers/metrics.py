@@ -178,7 +178,7 @@ class TorchServeRecorder:
 
     Cost: ts's own call validates, builds a Dimension object per label and makes one logging call
     (one write to the pipe) per observation, 15-20 % of a small predict request's handler time
-    here, and even one logging call per batch costs 5-8 % (benchmarks/metrics_overhead.py). So by
+    here, and even one logging call per batch costs several % (benchmarks/metrics_overhead.py). So by
     default (``background=True``) an observation is only queued, and a writer thread prints the
     queue every ``flush_interval`` seconds in one logging call, off the request's path. Nothing is
     aggregated or dropped; lines reach the frontend at most ``flush_interval`` later, and a worker
