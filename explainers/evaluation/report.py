@@ -220,9 +220,9 @@ def evaluate_method(model: nn.Module, data: EvaluationData, method: str, options
     entry["images"] = budget.images
     entry["options"] = dict(options)
     entry["seconds"] = round(time.perf_counter() - started, 1)
-    examples = min(settings.examples, budget.cascade_images)
-    maps = MethodMaps(method, [cascade.trained_maps[:examples].numpy(), cascade.step_maps[0, :examples].numpy(),
-                               cascade.randomized_maps[:examples].numpy()])
+    # Every cascade image is kept: the figure picks its examples once all methods have run.
+    maps = MethodMaps(method, [cascade.trained_maps.numpy(), cascade.step_maps[0].numpy(),
+                               cascade.randomized_maps.numpy()])
     return entry, maps
 
 
@@ -333,7 +333,7 @@ def markdown(document: Mapping) -> str:
         "",
         f"Model: {document['model']}; {document['images']} freshly generated images (seed {document['seed']}), "
         f"top-1 accuracy {document['accuracy']:.3f}; objects cover {100 * document['mask_area']:.1f} % of the "
-        f"image on average (the chance level of pointing game and mask energy). Written by "
+        f"image on average (the chance level of mask energy; the random reference row gives every chance level). Written by "
         f"`python -m explainers.evaluation.report` in {document['seconds']:.0f} s.",
         "",
         "| " + " | ".join(header) + " |",
