@@ -286,6 +286,8 @@ def run(settings: ReportSettings, progress=print) -> tuple[dict, Image.Image]:
             "pointing_tolerance_px": POINTING_TOLERANCE,
             "randomization": "cascading from the top layer; each parameter redrawn from N(mean, std) of the trained tensor",
             "similarity": "Spearman rank correlation of importance maps; a constant map against a varying one scores 0",
+            "randomization_similarity": "mean over the cascade steps (per step: mean over images)",
+            "explainer_options": "as served: handler.explainer_options of model_store/shapes/model-config.yaml",
             "cascade_images": settings.cascade_images,
             "expensive_budgets": {name: asdict(budget) for name, budget in settings.expensive_budgets.items()},
         },
