@@ -58,7 +58,7 @@ def test_markdown_table_shows_the_json_numbers(tiny_report):
 
 
 def test_picture_has_a_row_per_method_and_columns_per_example(tiny_report):
-    picture = Image.open(tiny_report / "quality.png")
+    picture = Image.open(tiny_report / "quality.png").convert("RGB")
     rows = len(explainers.available()) + 1  # + the input/mask row
     columns = len(report.FIGURE_COLUMNS)
     block = columns * figure.TILE + (columns - 1) * figure.GAP

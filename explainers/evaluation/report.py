@@ -382,7 +382,8 @@ def write_report(document: Mapping, figure, out_dir: Path) -> list[Path]:
     paths = [out_dir / "quality.json", out_dir / "quality.md", out_dir / "quality.png"]
     paths[0].write_text(json.dumps(document, indent=2, allow_nan=False) + "\n")
     paths[1].write_text(markdown(document))
-    figure.save(paths[2], optimize=True)
+    # A 256-colour palette (no dithering) looks the same here and makes the file 2-3 times smaller.
+    figure.quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(paths[2], optimize=True)
     return paths
 
 
