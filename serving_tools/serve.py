@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", type=Path, help="config.properties template (e.g. deploy/torchserve/local.properties)")
     parser.add_argument("--run-root", type=Path, default=Path("run"), help="run dirs go under it (default: %(default)s)")
     parser.add_argument("--token-auth", action="store_true", help="keep TorchServe's token authorization on")
+    parser.add_argument("--example-image", type=Path, help="an image to show example curl calls with")
     parser.add_argument("--console", action="store_true", help="show the server's own output (default: logs only)")
     parser.add_argument("--startup-timeout", type=float, default=180.0, help="seconds (default: %(default)s)")
     return parser
@@ -87,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"Starting TorchServe with {', '.join(server.models)} (run dir {run_dir}) ...", flush=True)
     try:
         server.start()
-        print_banner(server, run_dir)
+        print_banner(server, run_dir, args.example_image)
         while server.is_running():
             time.sleep(0.5)
         print(f"TorchServe exited on its own.\n{server.log_tail()}", file=sys.stderr)
@@ -106,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("TorchServe stopped.", flush=True)
 
 
-def print_banner(server: TorchServeProcess, run_dir: Path) -> None:
+def print_banner(server: TorchServeProcess, run_dir: Path, example_image: Path | None = None) -> None:
     first_model = next(iter(server.models))
     lines = [
         f"TorchServe is ready, serving: {', '.join(server.models)}",
@@ -119,7 +120,21 @@ def print_banner(server: TorchServeProcess, run_dir: Path) -> None:
     else:
         lines.append("Token authorization is OFF (--disable-token-auth) for this local demo: keep these ports private.")
     lines.append(f"Logs: {run_dir / 'logs'}.  Ctrl-C stops the server and all its workers.")
+    if example_image is not None:
+        lines += ["", "Try it:", *example_calls(server.inference_url, first_model, example_image)]
     print("\n".join(lines), flush=True)
+
+
+def example_calls(inference_url: str, model: str, image: Path) -> list[str]:
+    """Three curl calls: predict, explain with the defaults, explain with a chosen method and target."""
+    raw = f"-H 'Content-Type: image/png' --data-binary @{image}"
+    document = (f'"{{\\"image\\": \\"$(base64 -w0 {image})\\", \\"explain\\": [\\"grad_cam\\"], '
+                f'\\"target\\": \\"square\\", \\"encoding\\": \\"overlay\\"}}"')
+    return [
+        f"  curl -s -X POST {inference_url}/predictions/{model} {raw}",
+        f"  curl -s -X POST {inference_url}/explanations/{model} {raw}",
+        f"  curl -s -X POST {inference_url}/predictions/{model} -H 'Content-Type: application/json' -d {document}",
+    ]
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Forms: raw image bytes as the body; a multipart field ``data``; or a JSON object
 ``{"image": "<base64>", "explain": [...], "target": 3 | "circle", "encoding": "png", "top_k": 3,
-"explain_top_k": 2, "options": {method: {...}}, "render": {...}}``.
+"explain_top_k": 2, "options": {method: {...}}, "render": {...}, "quality": true | {"steps": 12}}``.
 Explanations are asked for by the ``X-Explain: a,b`` header, the JSON ``explain`` field, or the
 explanations route (which falls back to the model's default explainers).
 """
@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from ..errors import CostCapExceededError, InvalidRequestError, InvalidTargetError
 from .settings import ServingSettings
 
-JSON_FIELDS = frozenset({"image", "explain", "target", "encoding", "top_k", "explain_top_k", "options", "render"})
+JSON_FIELDS = frozenset({"image", "explain", "target", "encoding", "top_k", "explain_top_k", "options", "render",
+                         "quality"})
 EXPLAIN_HEADER = "x-explain"
 HOW_TO_SEND = ("send the image file as the body with its type (curl --data-binary @image.png -H "
                "'Content-Type: image/png'), as multipart field \"data\" (curl -F data=@image.png), or as "
@@ -46,6 +47,8 @@ class ExplainRequest:
     method_options: Mapping[str, Mapping] = field(default_factory=dict)
     render_overrides: Mapping[str, object] = field(default_factory=dict)
     explain_route: bool = False
+    # Deletion steps of the quality score each explanation gets; None: no score (the default).
+    quality_steps: int | None = None
 
     @property
     def route(self) -> str:
@@ -171,6 +174,32 @@ def _count(value: object, name: str, maximum: int, cap: str, cap_value: int) -> 
     return value
 
 
+def parse_quality(value: object, settings: ServingSettings) -> int | None:
+    """Deletion steps for the quality score: ``true`` (the model's ``quality_steps``), ``{"steps": n}``,
+    or off (absent, ``false``; as a form field also the text ``true``/``false``).
+
+    Raises:
+        InvalidRequestError: any other value.
+    """
+    if isinstance(value, (bytes, bytearray)):
+        value = value.decode("utf-8", "replace")
+    if isinstance(value, str):
+        value = {"true": True, "false": False}.get(value.strip().lower(), value)
+    if value is None or value is False:
+        return None
+    if value is True:
+        return settings.quality_steps
+    if isinstance(value, Mapping):
+        unknown = sorted(set(value) - {"steps"})
+        if unknown:
+            raise InvalidRequestError(f"unknown \"quality\" field(s) {unknown}; allowed: ['steps']")
+        steps = value.get("steps", settings.quality_steps)
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise InvalidRequestError(f"quality steps must be a positive integer, got {steps!r}")
+        return steps
+    raise InvalidRequestError(f"\"quality\" must be true, false or {{\"steps\": n}}, got {value!r}")
+
+
 def _mapping(value: object, name: str) -> Mapping:
     if not isinstance(value, Mapping):
         raise InvalidRequestError(f"\"{name}\" must be a JSON object, got {_preview(value)}")
@@ -243,4 +272,5 @@ def parse_request(raw: RawRequest, settings: ServingSettings) -> ExplainRequest:
         method_options=options,
         render_overrides=render,
         explain_route=raw.explain_route,
+        quality_steps=parse_quality(document.get("quality"), settings),
     )

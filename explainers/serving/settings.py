@@ -32,11 +32,16 @@ class CostCaps:
     max_batch_per_forward: int = 128
     # Side of the grid maps are averaged down to before they leave the server (None: full maps).
     coarse_output: int | None = None
+    # Deletion steps a request's quality score may cost (steps + 1 extra forwards of the image);
+    # 0 turns quality scores off for the model.
+    max_quality_steps: int = 16
 
     def __post_init__(self):
         for spec in fields(self):
             value = getattr(self, spec.name)
             if spec.name == "coarse_output" and value is None:
+                continue
+            if spec.name == "max_quality_steps" and value == 0 and not isinstance(value, bool):
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InvalidOptionError(f"caps.{spec.name} must be a positive integer, got {value!r}")
@@ -54,6 +59,8 @@ class ServingSettings:
     explainer_options: Mapping[str, Mapping] = field(default_factory=dict)
     render: Mapping[str, object] = field(default_factory=dict)
     caps: CostCaps = field(default_factory=CostCaps)
+    # Deletion steps of a quality score when a request asks with "quality": true.
+    quality_steps: int = 8
     # TorchServe's service_envelope when it is set ("kserve" or "kservev2"): requests then arrive
     # as KServe instances. It must match the server's config.properties.
     envelope: str | None = None
@@ -129,6 +136,11 @@ class ServingSettings:
             raise InvalidOptionError(f"envelope must be kserve or kservev2 when set, got {self.envelope!r}")
         if not isinstance(self.render, Mapping):
             raise InvalidOptionError(f"render must be a mapping of rendering options, got {self.render!r}")
+        if isinstance(self.quality_steps, bool) or not isinstance(self.quality_steps, int) or self.quality_steps < 1:
+            raise InvalidOptionError(f"quality_steps must be a positive integer, got {self.quality_steps!r}")
+        cap = self.caps.max_quality_steps
+        if cap and self.quality_steps > cap:
+            raise InvalidOptionError(f"quality_steps={self.quality_steps} is over caps.max_quality_steps={cap}")
 
     @property
     def allowed(self) -> tuple[str, ...]:
