@@ -208,6 +208,8 @@ def _explain_job(rng: random.Random, image: bytes, content_type: str) -> Job:
     document = {"image": base64.b64encode(image).decode(), "explain": list(methods), "encoding": rng.choice(ENCODINGS)}
     if options:
         document["options"] = options
+    if rng.random() < 0.15:
+        document["quality"] = True  # a deletion score per explanation
     if rng.random() < 0.3:
         document["target"] = rng.choice(CLASSES)
     elif rng.random() < 0.2:

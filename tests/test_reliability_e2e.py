@@ -9,6 +9,7 @@ model exactly as it was. The last test SIGKILLs a worker and waits for TorchServ
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 import os
@@ -33,6 +34,7 @@ from support.reliability_server import (
     wait_for_new_ready_worker,
     worker_pid,
 )
+from explainers.serving.settings import CostCaps
 from support.shapes_server import b64, build_store, running_server, shape_png
 
 CLASSES = ["circle", "square", "triangle", "cross", "star"]
@@ -321,11 +323,14 @@ CAP_CASES = {
     "max_batch_per_forward": ({"explain": ["integrated_gradients"], "options": ig(n_steps=16, internal_batch_size=16)}, 422),
     "max_explained_classes": ({"explain": ["saliency"], "explain_top_k": 3}, 422),
     "max_top_k": ({"top_k": 3}, 422),
+    "max_quality_steps": ({"explain": ["saliency"], "quality": {"steps": 5}}, 422),
 }
 
 
 def test_every_cap_is_covered():
-    assert set(CAP_CASES) | {"coarse_output"} == set(CAPS) | {"allowed_explainers"}
+    cost_caps = {spec.name for spec in dataclasses.fields(CostCaps)}
+    assert set(CAPS) == cost_caps, "the capped model sets every cap"
+    assert set(CAP_CASES) | {"coarse_output"} == cost_caps | {"allowed_explainers"}
 
 
 @pytest.mark.parametrize("cap", list(CAP_CASES))
@@ -343,6 +348,7 @@ def test_requests_at_the_caps_are_served(server):
         {"explain": ["integrated_gradients", "smoothgrad"],
          "options": {"integrated_gradients": {"n_steps": 16, "internal_batch_size": 8}, "smoothgrad": {"samples": 8, "batch_size": 8}}},
         {"explain": ["occlusion"], "options": {"occlusion": {"window": 8, "stride": 8, "perturbations_per_eval": 8}}},  # 8 x 8 = 64 windows
+        {"explain": ["grad_cam"], "quality": {"steps": 4}},
     ]
     for document in at_caps:
         reply = capped(server, **document)

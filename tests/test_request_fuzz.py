@@ -95,6 +95,8 @@ field_values = {
     "options": st.one_of(st.dictionaries(names, st.dictionaries(option_names, option_values, max_size=3), max_size=3),
                          json_values),
     "render": st.one_of(st.dictionaries(render_names, render_values, max_size=3), json_values),
+    "quality": st.one_of(st.booleans(), st.sampled_from(["true", "false", "yes"]),
+                         st.dictionaries(st.sampled_from(["steps", "bogus"]), option_values, max_size=2), json_values),
 }
 
 

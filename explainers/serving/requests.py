@@ -192,12 +192,12 @@ def parse_quality(value: object, settings: ServingSettings) -> int | None:
     if isinstance(value, Mapping):
         unknown = sorted(set(value) - {"steps"})
         if unknown:
-            raise InvalidRequestError(f"unknown \"quality\" field(s) {unknown}; allowed: ['steps']")
+            raise InvalidRequestError(f"unknown \"quality\" field(s) {_preview(unknown[:10])}; allowed: ['steps']")
         steps = value.get("steps", settings.quality_steps)
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise InvalidRequestError(f"quality steps must be a positive integer, got {steps!r}")
+            raise InvalidRequestError(f"quality steps must be a positive integer, got {_preview(steps)}")
         return steps
-    raise InvalidRequestError(f"\"quality\" must be true, false or {{\"steps\": n}}, got {value!r}")
+    raise InvalidRequestError(f"\"quality\" must be true, false or {{\"steps\": n}}, got {_preview(value)}")
 
 
 def _mapping(value: object, name: str) -> Mapping:

@@ -37,11 +37,13 @@ CAPS = {
     "max_top_k": 2,
     "max_batch_per_forward": 8,
     "coarse_output": 8,
+    "max_quality_steps": 4,
 }
 CAPPED_HANDLER = {
     "allowed_explainers": ["saliency", "grad_cam", "integrated_gradients", "smoothgrad", "occlusion"],
     "default_explainers": ["grad_cam"],
     "top_k": 2,
+    "quality_steps": 4,
     "explainer_options": {
         "integrated_gradients": {"n_steps": 8, "internal_batch_size": 8},
         "smoothgrad": {"samples": 4, "noise": 0.15},
