@@ -25,6 +25,7 @@ PNG = {"Content-Type": "image/png"}
 
 def test_production_choices():
     assert SETTINGS["disable_token_authorization"] == "false"
+    assert int(SETTINGS["token_expiration_min"]) == 60
     assert SETTINGS["enable_model_api"] == "false"
     assert SETTINGS["enable_envvars_config"] == "false"
     assert SETTINGS["install_py_dep_per_model"] == "false"
