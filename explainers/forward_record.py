@@ -41,8 +41,13 @@ class ForwardRecord:
         def capture(name: str):
             def hook(_module, _args, output):
                 # Other threads may run this module meanwhile; only our own forward is recorded.
-                if _active_selector.get() is selector:
-                    self.activations[name] = output
+                if _active_selector.get() is not selector:
+                    return None
+                self.activations[name] = output
+                # The rest of the forward reads a copy, so an in-place op after the layer (the
+                # model's own in-place ReLU on the fallback path, `out += identity`) cannot change
+                # the activation Grad-CAM weighs; the gradient still flows to it through the copy.
+                return output.clone() if isinstance(output, torch.Tensor) else None
             return hook
 
         try:
@@ -62,12 +67,12 @@ class ForwardRecord:
 
     def input_gradient(self, targets: torch.Tensor, rule: BackwardRule) -> torch.Tensor:
         """d score / d input with ``rule`` at every ReLU."""
-        self._selector.rule = rule
-        (gradient,) = torch.autograd.grad(self.score(targets), self.inputs, retain_graph=True)
+        with self._selector.applying(rule):
+            (gradient,) = torch.autograd.grad(self.score(targets), self.inputs, retain_graph=True)
         return gradient
 
     def layer_gradient(self, targets: torch.Tensor, layer: str) -> torch.Tensor:
         """Plain d score / d activation of ``layer``: a backward that stops at the layer."""
-        self._selector.rule = BackwardRule.GRADIENT
-        (gradient,) = torch.autograd.grad(self.score(targets), self.activations[layer], retain_graph=True)
+        with self._selector.applying(BackwardRule.GRADIENT):
+            (gradient,) = torch.autograd.grad(self.score(targets), self.activations[layer], retain_graph=True)
         return gradient
