@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import enum
+import operator
 import threading
 import weakref
 from collections.abc import Callable, Iterator
@@ -119,6 +120,23 @@ def rule_relu(inputs: torch.Tensor) -> torch.Tensor:
     return output
 
 
+def rule_relu_(inputs: torch.Tensor) -> torch.Tensor:
+    """ATen's in-place ReLU, its node recorded; for call sites where mutating the input is safe.
+
+    The trace uses it only where the model itself wrote an in-place ReLU on a fresh tensor no
+    earlier op saved (see :func:`_mutation_is_safe`). A leaf that requires grad or a view cannot
+    take it (autograd forbids the first and hides the node of the second), so they get the
+    out-of-place ReLU.
+    """
+    if inputs.requires_grad and (inputs.is_leaf or inputs._is_view()):
+        return rule_relu(inputs)
+    output = torch.relu_(inputs)
+    selector = _active_selector.get()
+    if selector is not None and output.grad_fn is not None:
+        selector.nodes.append(output.grad_fn)
+    return output
+
+
 @contextlib.contextmanager
 def selecting_rules(selector: RuleSelector) -> Iterator[None]:
     token = _active_selector.set(selector)
@@ -153,11 +171,72 @@ def _relu_input(node: torch.fx.Node) -> torch.fx.Node:
     return node.args[0] if node.args else node.kwargs["input"]
 
 
+# Producers whose output no backward keeps: a ReLU may overwrite it without autograd noticing.
+_UNSAVED_OUTPUT_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear,
+                           nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_UNSAVED_OUTPUT_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+_UNSAVED_OUTPUT_METHODS = {"add", "add_"}
+
+
+def _mutation_is_safe(source: torch.fx.Node, relu: torch.fx.Node, modules: dict[str, nn.Module],
+                      position: dict[torch.fx.Node, int]) -> bool:
+    """Whether the in-place ReLU ``relu`` may really overwrite ``source``, as the model wrote it.
+
+    Only when ``source`` comes from an op that keeps no reference to its output for backward
+    (convolution, linear, batch norm, addition) and nothing reads it before the ReLU: then no
+    saved tensor changes under autograd, and the forward allocates what the model's own does.
+    """
+    if any(position[reader] < position[relu] for reader in source.users if reader is not relu):
+        return False
+    if source.op == "call_module":
+        return type(modules.get(source.target)) in _UNSAVED_OUTPUT_MODULES
+    if source.op == "call_function":
+        return source.target in _UNSAVED_OUTPUT_FUNCTIONS
+    if source.op == "call_method":
+        return source.target in _UNSAVED_OUTPUT_METHODS
+    return False
+
+
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def eval_batch_norm(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """An eval-mode batch norm as the affine map it is: ``x · scale + shift``, per channel.
+
+    Equal to the module's own forward (up to rounding), but its backward is one multiplication:
+    ATen's batch-norm backward costs 5-8x more (measured 18 ms against 2.4 ms on [8, 256, 56, 56]),
+    about 5 % of a ResNet-50 input gradient. Scale and shift are computed from the module's
+    current statistics at every call, outside autograd: explanations differentiate with respect
+    to inputs and activations, never weights. Anything else (training mode, batch statistics,
+    hooks on the module, another dtype) runs the module itself.
+    """
+    if (module.training or module.running_mean is None or module.running_var is None
+            or inputs.dtype != module.running_var.dtype or inputs.dim() < 2
+            or module._forward_hooks or module._forward_pre_hooks
+            or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks):
+        return module(inputs)
+    with torch.no_grad():
+        scale = torch.rsqrt(module.running_var + module.eps)
+        if module.weight is not None:
+            scale = scale * module.weight
+        shift = -module.running_mean * scale
+        if module.bias is not None:
+            shift = shift + module.bias
+    shape = (1, -1) + (1,) * (inputs.dim() - 2)
+    return torch.addcmul(shift.view(shape), inputs, scale.view(shape))
+
+
 def trace_rule_model(model: nn.Module) -> torch.fx.GraphModule:
     """Trace ``model`` and route every ReLU call site through :func:`rule_relu`.
 
-    In-place ReLUs become out-of-place: every later reader of the mutated tensor is pointed at the
-    new ReLU output, which is what it would have read after the mutation.
+    Every later reader of an in-place ReLU's input is pointed at the ReLU's output, which is what
+    it would have read after the mutation. The ReLU stays in place only where that is safe for
+    autograd (:func:`_mutation_is_safe`, e.g. on a batch norm's or a residual sum's output, as in
+    ResNets); elsewhere it becomes out-of-place, so a model whose own in-place ReLUs autograd
+    could not differentiate (two in a row) is still explained exactly.
+
+    Batch norms become :func:`eval_batch_norm` calls (the module itself whenever it is not a plain
+    eval-mode batch norm at call time).
 
     Raises:
         Exception: whatever ``torch.fx`` raises for a model it cannot trace.
@@ -171,14 +250,23 @@ def trace_rule_model(model: nn.Module) -> torch.fx.GraphModule:
         if kind is None:
             continue
         source = _relu_input(node)
+        in_place = kind == "inplace" and _mutation_is_safe(source, node, modules, position)
         with graph.inserting_after(node):
-            replacement = graph.call_function(rule_relu, (source,))
+            replacement = graph.call_function(rule_relu_ if in_place else rule_relu, (source,))
+        position[replacement] = position[node]
         node.replace_all_uses_with(replacement)
         if kind == "inplace":
             for reader in list(source.users):
                 if position.get(reader, -1) > position[node]:
                     reader.replace_input_with(source, replacement)
         graph.erase_node(node)
+    for node in list(graph.nodes):
+        if node.op == "call_module" and type(modules.get(node.target)) in _BATCH_NORMS and len(node.args) == 1 and not node.kwargs:
+            with graph.inserting_before(node):
+                module_node = graph.get_attr(node.target)
+                replacement = graph.call_function(eval_batch_norm, (module_node, node.args[0]))
+            node.replace_all_uses_with(replacement)
+            graph.erase_node(node)
     graph.lint()
     graph_module.recompile()
     return graph_module
