@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH_PIN := torch==2.13.0
 
-.PHONY: test serve system-deps clean
+.PHONY: test serve model-store monitor system-deps clean
 
 # torch is installed from its pin before anything that depends on it, so no CUDA wheels are pulled.
 $(STAMP): pyproject.toml
@@ -19,10 +19,21 @@ system-deps:
 	bash deploy/install-system-deps.sh
 
 test: $(STAMP) system-deps
-	$(PY) -m pytest -q
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q
 
-serve: $(STAMP)
-	@echo "make serve: the TorchServe handler is not built yet (issue 3)" >&2; exit 1
+# Trains the demo model if its cached weights are missing or stale, then archives it if needed.
+model-store: $(STAMP)
+	$(PY) -m serving_tools.demo_store
+
+# TorchServe in the foreground on 127.0.0.1:8080/8081/8082 (TS_*_ADDRESS override); Ctrl-C stops it.
+serve: model-store
+	bash deploy/install-system-deps.sh java
+	$(PY) -m serving_tools.serve --model-store model_store --models shapes=shapes.mar \
+	  --config deploy/torchserve/local.properties
+
+# Prometheus in the foreground, scraping TS_METRICS_ADDRESS (default 127.0.0.1:8082).
+monitor:
+	bash deploy/monitor.sh
 
 clean:
 	rm -rf $(VENV) model_store/*.mar run

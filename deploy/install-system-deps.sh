@@ -1,10 +1,18 @@
 #!/usr/bin/env bash
-# Installs the system packages TorchServe and the monitoring tests need (Java 17, Prometheus), only if missing.
+# Installs the system packages the project needs, only those missing: `java` (TorchServe's frontend)
+# and/or `prometheus` (Prometheus and promtool, for the monitoring tests and `make monitor`).
+# Usage: install-system-deps.sh [java] [prometheus]   (no argument: both)
 set -euo pipefail
+wanted=("$@")
+[ ${#wanted[@]} -eq 0 ] && wanted=(java prometheus)
 missing=()
-command -v java >/dev/null 2>&1 || missing+=(openjdk-17-jre-headless)
-command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
-command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+for component in "${wanted[@]}"; do
+  case "$component" in
+    java) command -v java >/dev/null 2>&1 || missing+=(openjdk-17-jre-headless) ;;
+    prometheus) { command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; } || missing+=(prometheus) ;;
+    *) echo "error: unknown component '$component' (java, prometheus)" >&2; exit 2 ;;
+  esac
+done
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ]; then
   echo "error: missing system packages: ${missing[*]} (run this script as root, or install them with apt-get)" >&2

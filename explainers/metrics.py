@@ -54,7 +54,7 @@ def outcome_of(http_status: int) -> str:
 class Recorder(Protocol):
     def observe(self, spec: MetricSpec, value: float, **labels: str) -> None: ...
 
-    def increment(self, spec: MetricSpec, **labels: str) -> None: ...
+    def increment(self, spec: MetricSpec, amount: float = 1, **labels: str) -> None: ...
 
 
 class NullRecorder:
@@ -63,7 +63,7 @@ class NullRecorder:
     def observe(self, spec: MetricSpec, value: float, **labels: str) -> None:
         pass
 
-    def increment(self, spec: MetricSpec, **labels: str) -> None:
+    def increment(self, spec: MetricSpec, amount: float = 1, **labels: str) -> None:
         pass
 
 
@@ -72,6 +72,10 @@ class Metrics:
 
     def __init__(self, recorder: Recorder | None = None):
         self.recorder = recorder or NullRecorder()
+        # Every request series exists from the start, so increase() sees the first error too.
+        for route in ROUTES:
+            for outcome in OUTCOMES:
+                self.recorder.increment(REQUESTS, 0, route=route, outcome=outcome)
 
     @contextlib.contextmanager
     def stage(self, stage: str, explainer: str = NO_EXPLAINER) -> Iterator[None]:
@@ -123,8 +127,8 @@ class PrometheusRecorder:
     def observe(self, spec: MetricSpec, value: float, **labels: str) -> None:
         self._metrics[spec.name].labels(**labels).observe(value)
 
-    def increment(self, spec: MetricSpec, **labels: str) -> None:
-        self._metrics[spec.name].labels(**labels).inc()
+    def increment(self, spec: MetricSpec, amount: float = 1, **labels: str) -> None:
+        self._metrics[spec.name].labels(**labels).inc(amount)
 
 
 def prometheus_metrics(registry=None) -> Metrics:
@@ -167,5 +171,5 @@ class TorchServeRecorder:
     def observe(self, spec: MetricSpec, value: float, **labels: str) -> None:
         self._emit(spec, value, labels)
 
-    def increment(self, spec: MetricSpec, **labels: str) -> None:
-        self._emit(spec, 1, labels)
+    def increment(self, spec: MetricSpec, amount: float = 1, **labels: str) -> None:
+        self._emit(spec, amount, labels)

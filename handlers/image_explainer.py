@@ -10,15 +10,21 @@ import logging
 from pathlib import Path
 
 import torch
+from ts.metrics.metric_type_enum import MetricTypes
 
 from explainers.metrics import Metrics, TorchServeRecorder
+from explainers.serving.envelopes import reply_bodies_for, requests_from_instances
 from explainers.serving.requests import RawRequest
 from explainers.serving.service import ExplanationService
 from explainers.serving.settings import ServingSettings
 from handlers.model_loading import load_eager_model
-from ts.metrics.metric_type_enum import MetricTypes
 
 logger = logging.getLogger(__name__)
+
+
+def _is_explain_request(headers: dict) -> bool:
+    # TorchServe marks requests to /explanations (and KServe :explain) with the header explain=True.
+    return str(headers.get("explain", "")).lower() == "true"
 
 
 class ImageExplainerHandler:
@@ -40,14 +46,25 @@ class ImageExplainerHandler:
         logger.info("model %s loaded on %s", context.model_name, device)
 
     def handle(self, data, context):
+        envelope = self.service.settings.envelope
+        if envelope:
+            return self._handle_instances(envelope, data, context)
         requests = []
         for index, fields in enumerate(data):
             headers = context.get_all_request_header(index) or {}
-            # TorchServe marks requests that came through /explanations with the header explain=True.
-            explain_route = str(headers.get("explain", "")).lower() == "true"
-            requests.append(RawRequest(fields=fields, headers=headers, explain_route=explain_route))
+            requests.append(RawRequest(fields=fields, headers=headers, explain_route=_is_explain_request(headers)))
         replies = self.service.handle(requests)
         for index, reply in enumerate(replies):
             if reply.status != 200:
                 context.set_response_status(reply.status, reply.body["error"]["code"], index)
         return [reply.body for reply in replies]
+
+    def _handle_instances(self, envelope: str, instances, context):
+        # TorchServe's KServe envelopes pass the instances of request 0 only: they are one request.
+        headers = context.get_all_request_header(0) or {}
+        requests = requests_from_instances(envelope, instances, headers, _is_explain_request(headers))
+        replies = self.service.handle(requests)
+        failed = [reply for reply in replies if reply.status != 200]
+        if failed:
+            context.set_response_status(failed[0].status, failed[0].body["error"]["code"], 0)
+        return reply_bodies_for(envelope, [reply.body for reply in replies])

@@ -140,6 +140,18 @@ def torchserve_launcher() -> Path:
     return launcher
 
 
+# Keys whose value is a file: a relative path in a template is relative to the template's folder.
+PATH_KEYS = ("metrics_config",)
+
+
+def _template_config(template: Path) -> dict[str, str]:
+    entries = dict(read_properties(template))
+    for key in PATH_KEYS:
+        if key in entries and not Path(entries[key]).is_absolute():
+            entries[key] = str((template.parent / entries[key]).resolve())
+    return entries
+
+
 class TorchServeProcess:
     """One TorchServe server with its own config, logs, temp dir, sockets and token file.
 
@@ -181,7 +193,7 @@ class TorchServeProcess:
         self.startup_timeout = startup_timeout
         self.stop_timeout = stop_timeout
         self.console = console
-        self.extra_config = dict(read_properties(Path(config_template))) if config_template else {}
+        self.extra_config = _template_config(Path(config_template)) if config_template else {}
         self.extra_config.update(config or {})
         clashing = MANAGED_KEYS & self.extra_config.keys()
         if clashing:

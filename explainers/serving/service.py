@@ -74,10 +74,14 @@ class ExplanationService:
 
     # --- the batch ------------------------------------------------------------------------
 
-    def handle(self, raw_requests: Sequence[RawRequest]) -> list[Reply]:
+    def handle(self, raw_requests: Sequence[RawRequest | PluginError]) -> list[Reply]:
+        """One reply per request, in order; an entry that is already an error is answered with it."""
         replies: list[Reply | None] = [None] * len(raw_requests)
         prepared: dict[int, _Prepared] = {}
         for index, raw in enumerate(raw_requests):
+            if isinstance(raw, PluginError):
+                replies[index] = self._error_reply(raw, "predict")
+                continue
             route = "explain" if raw.explain_route else "predict"
             try:
                 prepared[index] = self._prepare(raw)

@@ -50,6 +50,9 @@ class ServingSettings:
     explainer_options: Mapping[str, Mapping] = field(default_factory=dict)
     render: Mapping[str, object] = field(default_factory=dict)
     caps: CostCaps = field(default_factory=CostCaps)
+    # TorchServe's service_envelope when it is set ("kserve" or "kservev2"): requests then arrive
+    # as KServe instances. It must match the server's config.properties.
+    envelope: str | None = None
 
     @property
     def num_classes(self) -> int:
@@ -118,6 +121,8 @@ class ServingSettings:
             raise InvalidOptionError("explainer_options must map explainer names to option mappings")
         for name in self.explainer_options:
             explainer_class(name)
+        if self.envelope not in (None, "kserve", "kservev2"):
+            raise InvalidOptionError(f"envelope must be kserve or kservev2 when set, got {self.envelope!r}")
         if not isinstance(self.render, Mapping):
             raise InvalidOptionError(f"render must be a mapping of rendering options, got {self.render!r}")
 
