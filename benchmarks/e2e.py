@@ -77,14 +77,15 @@ def _handler_section(handler: str, size: int, class_file: str) -> dict:
 
 
 def build_archives(model: torch.nn.Module, model_file: Path, size: int, class_names: list[str], store: Path,
-                   batch_size: int, max_batch_delay_ms: int) -> None:
+                   batch_size: int, max_batch_delay_ms: int, handlers: list[str]) -> None:
     staging = store / "sources"
     staging.mkdir(parents=True, exist_ok=True)
     state = staging / "weights.pt"
     torch.save(model.state_dict(), state)
     names = staging / "index_to_name.json"
     names.write_text(json.dumps({str(i): name for i, name in enumerate(class_names)}))
-    for handler, handler_file in HANDLERS.items():
+    for handler in handlers:
+        handler_file = HANDLERS[handler]
         config = {"minWorkers": 1, "maxWorkers": 1, "batchSize": batch_size, "maxBatchDelay": max_batch_delay_ms,
                   "responseTimeout": 300, "handler": _handler_section(handler, size, names.name)}
         config_file = staging / f"{handler}-model-config.yaml"
@@ -113,7 +114,9 @@ def run_wrk(url: str, body_file: Path, connections: int, duration_s: float, head
 
 
 def run(model: torch.nn.Module, model_file: Path, size: int, class_names: list[str], *, concurrencies: list[int],
-        duration_s: float, repetitions: int, batch_size: int = 4, max_batch_delay_ms: int = 10, log=print) -> dict:
+        duration_s: float, repetitions: int, batch_size: int = 4, max_batch_delay_ms: int = 10,
+        handlers: tuple[str, ...] = ("ours", "minimal", "stock"), routes: tuple[str, ...] = ("predict", "explain"),
+        log=print) -> dict:
     if wrk_path() is None:
         return {"skipped": "wrk not installed (Debian: apt-get install wrk)"}
     root = Path(tempfile.mkdtemp(prefix="xb"))  # short: TorchServe's worker sockets live under it
@@ -123,18 +126,18 @@ def run(model: torch.nn.Module, model_file: Path, size: int, class_names: list[s
     try:
         store = root / "store"
         log("[e2e] archiving the model with each handler")
-        build_archives(model, model_file, size, class_names, store, batch_size, max_batch_delay_ms)
+        build_archives(model, model_file, size, class_names, store, batch_size, max_batch_delay_ms, list(handlers))
         body = root / "image.png"
         body.write_bytes(_png(size, seed=1))
         body.with_suffix(".lua").write_text(WRK_SCRIPT)
-        for handler in HANDLERS:
+        for handler in handlers:
             log(f"[e2e] starting TorchServe with the {handler} handler")
             server = TorchServeProcess(store, [f"{handler}={handler}.mar"], root / handler[:3], config_template=CONFIG_TEMPLATE,
                                        config={"disable_system_metrics": "true"}, startup_timeout=240)
             server.start()
             servers[handler] = server
-        samples = _response_samples(servers, body)
-        plan = [("predict", ["ours", "minimal", "stock"]), ("explain", ["ours", "stock"])]
+        samples = _response_samples(servers, body, routes)
+        plan = [(route, [h for h in handlers if route == "predict" or h != "minimal"]) for route in routes]
         for route, handlers in plan:  # warm-up: first requests load lazily built state (traces, Captum)
             for handler in handlers:
                 run_wrk(_url(servers[handler], handler, route), body, 2, 2, {})
@@ -161,11 +164,11 @@ def _url(server: TorchServeProcess, model: str, route: str) -> str:
     return server.url(f"/{'predictions' if route == 'predict' else 'explanations'}/{model}")
 
 
-def _response_samples(servers: dict, body: Path) -> dict:
+def _response_samples(servers: dict, body: Path, routes) -> dict:
     sizes = {}
     image = body.read_bytes()
     for handler, server in servers.items():
-        for route in ("predict", "explain") if handler != "minimal" else ("predict",):
+        for route in [r for r in routes if r == "predict" or handler != "minimal"]:
             reply = server.request("POST", _url(server, handler, route)[len(server.inference_url):], image,
                                    {"Content-Type": "image/png"}, timeout=300)
             if reply.status != 200:
@@ -182,11 +185,11 @@ def _summarise(runs: dict) -> dict:
             for handler, results in by_handler.items():
                 row[handler] = {key: statistics.median(r[key] for r in results)
                                 for key in ("throughput_rps", "p50_ms", "p99_ms", "bytes_per_response", "errors")}
-            if route == "predict":
+            if route == "predict" and "minimal" in by_handler:
                 ratios = [o["throughput_rps"] / m["throughput_rps"] for o, m in zip(by_handler["ours"], by_handler["minimal"])
                           if m["throughput_rps"]]
                 row["ours_over_minimal_throughput"] = round(statistics.median(ratios), 3) if ratios else None
-            else:
+            elif route == "explain":
                 ratios = [o["throughput_rps"] / s["throughput_rps"] for o, s in zip(by_handler["ours"], by_handler["stock"])
                           if s["throughput_rps"]]
                 row["ours_over_stock_throughput"] = round(statistics.median(ratios), 3) if ratios else None
