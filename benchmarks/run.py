@@ -49,13 +49,13 @@ def plans(mode: str):
     from .inprocess import Plan
 
     if mode == "smoke":  # the pytest smoke test: layout only, numbers meaningless
-        return {"demo": Plan(rounds=2, budget_s=5, ig_rounds=1, ig_steps=4, ig_memory=True, floor_rounds=0),
+        return {"demo": Plan(rounds=2, pair_rounds=2, budget_s=5, ig_rounds=1, ig_steps=4, ig_memory=True, floor_rounds=0),
                 "resnet50": None}
     if mode == "quick":
-        return {"demo": Plan(rounds=12, budget_s=10, ig_rounds=2, ig_steps=32, ig_memory=True, floor_rounds=0),
-                "resnet50": Plan(rounds=3, budget_s=25, ig_rounds=1, ig_steps=8, ig_memory=False, floor_rounds=0)}
-    return {"demo": Plan(rounds=30, budget_s=40, ig_rounds=5, ig_steps=32, ig_memory=True, floor_rounds=0),
-            "resnet50": Plan(rounds=9, budget_s=110, ig_rounds=2, ig_steps=32, ig_memory=True, floor_rounds=5)}
+        return {"demo": Plan(rounds=12, pair_rounds=20, budget_s=10, ig_rounds=2, ig_steps=32, ig_memory=True, floor_rounds=0),
+                "resnet50": Plan(rounds=3, pair_rounds=6, budget_s=25, ig_rounds=1, ig_steps=8, ig_memory=False, floor_rounds=0)}
+    return {"demo": Plan(rounds=30, pair_rounds=60, budget_s=40, ig_rounds=5, ig_steps=32, ig_memory=True, floor_rounds=0),
+            "resnet50": Plan(rounds=7, pair_rounds=21, budget_s=100, ig_rounds=2, ig_steps=32, ig_memory=True, floor_rounds=5)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,7 +124,9 @@ DEFINITIONS = {
     "stock": "no-grad prediction, then Captum attribute() per method (GuidedBackprop, Saliency(abs=False), Deconvolution, "
              "LayerGradCam(relu) + bilinear interpolate, GuidedGradCam(bilinear))",
     "ours": "explainers.predict_and_explain(model, inputs, methods), prediction included",
-    "ratios": "median over rounds of the per-round ratio (both sides measured seconds apart); p25/p75 its quartiles",
+    "ratios": "median over rounds of the per-round ratio (both sides measured back to back); p25/p75 its quartiles; "
+              "ours/floor and handler/plain forward in their own two-case groups; cpu_time_ratio: the same on this "
+              "process's CPU time (a cross-check on a shared machine)",
     "integrated_gradients": "ours via predict_and_explain (its prediction included) vs captum IntegratedGradients, "
                             "riemann_middle, same n_steps and internal_batch_size; speedup = captum / ours",
     "peak_memory": "peak of tensor memory allocated during one call (profiler allocator events on CPU)",
@@ -137,12 +139,13 @@ def goal_table(report: dict) -> list[dict]:
         for batch, entry in model["batches"].items():
             for goal_name, value in entry["ratios"].items():
                 rows.append({"model": model_name, "batch": int(batch), "goal": goal_name, "value": value["ratio"],
-                             "p25": value["p25"], "p75": value["p75"], "target": value["goal"], "status": value["status"],
+                             "p25": value["p25"], "p75": value["p75"], "cpu_time_ratio": value["cpu_time_ratio"], "target": value["goal"], "status": value["status"],
                              "numerator_median_ms": value["numerator_ms"]["median"],
                              "denominator_median_ms": value["denominator_ms"]["median"]})
             ig = entry["integrated_gradients"]
             rows.append({"model": model_name, "batch": int(batch), "goal": f"integrated_gradients_speedup_{ig['n_steps']}_steps",
                          "value": ig["speedup"]["ratio"], "p25": ig["speedup"]["p25"], "p75": ig["speedup"]["p75"],
+                         "cpu_time_ratio": ig["speedup"]["cpu_time_ratio"],
                          "target": ig["speedup"]["goal"], "status": ig["speedup"]["status"],
                          "numerator_median_ms": ig["captum_ms"]["median"], "denominator_median_ms": ig["ours_ms"]["median"]})
             if "peak_memory_mib" in ig:
@@ -163,13 +166,15 @@ def render(report: dict) -> str:
     m = report["machine"]
     lines = [f"machine: {m['cpu_model']}, {m['logical_cpus']} logical CPUs, torch {m['torch']}, {m['threads']} threads, "
              f"device {m['device']}, load {m['load_average_at_start'][0]:.1f} -> {m['load_average_at_end'][0]:.1f}", ""]
-    header = f"{'model':<18}{'b':>2}  {'goal':<50}{'value':>7}  {'[p25, p75]':<16}{'target':<18}{'status':<7}{'num ms':>9}{'den ms':>9}"
+    header = (f"{'model':<22}{'b':>2}  {'goal':<50}{'value':>7}  {'[p25, p75]':<16}{'cpu':>6}  {'target':<18}{'status':<7}"
+              f"{'num ms':>9}{'den ms':>9}")
     lines += [header, "-" * len(header)]
     for row in report["goals"]:
         spread = f"[{row['p25']}, {row['p75']}]" if row["p25"] is not None else ""
         fmt = lambda v: f"{v:9.1f}" if isinstance(v, (int, float)) else f"{'':>9}"  # noqa: E731
-        lines.append(f"{row['model']:<18}{row['batch'] if row['batch'] is not None else '':>2}  {row['goal']:<50}"
-                     f"{row['value']:>7}  {spread:<16}{row['target']:<18}{row['status']:<7}"
+        cpu = row.get("cpu_time_ratio")
+        lines.append(f"{row['model']:<22}{row['batch'] if row['batch'] is not None else '':>2}  {row['goal']:<50}"
+                     f"{row['value']:>7}  {spread:<16}{cpu if cpu is not None else '':>6}  {row['target']:<18}{row['status']:<7}"
                      f"{fmt(row['numerator_median_ms'])}{fmt(row['denominator_median_ms'])}")
     for model_name, model in report["models"].items():
         for batch, entry in model["batches"].items():

@@ -23,14 +23,33 @@ def quantiles(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(ordered), "p25": q1, "p75": q3, "min": ordered[0], "max": ordered[-1], "n": len(ordered)}
 
 
+def _synchronize() -> None:
+    """Wait for queued GPU work, so a CUDA case's time is its work and not its launch."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+class Times(dict):
+    """Wall-clock seconds per call of every case; ``.cpu`` holds this process's CPU seconds alike.
+
+    CPU time (all threads of this process) is a cross-check on a shared machine: time the process
+    spends preempted by others counts in wall time only.
+    """
+
+    def __init__(self, names):
+        super().__init__((name, []) for name in names)
+        self.cpu: dict[str, list[float]] = {name: [] for name in names}
+
+
 def interleaved(cases: Mapping[str, Callable[[], object]], rounds: int, warmup: int = 1,
-                budget_s: float | None = None) -> dict[str, list[float]]:
+                budget_s: float | None = None) -> Times:
     """Seconds per call of every case, ``rounds`` times each (fewer if ``budget_s`` runs out)."""
     names = list(cases)
     for _ in range(warmup):
         for name in names:
             cases[name]()
-    times: dict[str, list[float]] = {name: [] for name in names}
+    _synchronize()
+    times = Times(names)
     started = time.perf_counter()
     for round_index in range(rounds):
         shift = round_index % len(names)
@@ -38,9 +57,12 @@ def interleaved(cases: Mapping[str, Callable[[], object]], rounds: int, warmup: 
         if round_index % 2:
             order.reverse()
         for name in order:
-            begin = time.perf_counter()
+            _synchronize()
+            begin, begin_cpu = time.perf_counter(), time.process_time()
             cases[name]()
+            _synchronize()
             times[name].append(time.perf_counter() - begin)
+            times.cpu[name].append(time.process_time() - begin_cpu)
         if budget_s is not None and round_index >= 2 and time.perf_counter() - started > budget_s:
             break
     return times
