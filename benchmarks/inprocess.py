@@ -91,8 +91,7 @@ def handler_cases(model: nn.Module, inputs: torch.Tensor, size: int, num_classes
 
     def handler_predict():
         replies = service._predict(prepared)
-        for reply in replies:
-            service.metrics.request(reply.route, reply.status)
+        service.metrics.requests(replies)
         assert all(reply.status == 200 for reply in replies)
 
     def plain_forward():

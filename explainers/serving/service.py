@@ -94,8 +94,7 @@ class ExplanationService:
         for index, item in prepared.items():
             if item.request.explainers:
                 replies[index] = self._explain(item)
-        for reply in replies:
-            self.metrics.request(reply.route, reply.status)
+        self.metrics.requests(replies)
         return replies
 
     def _error_reply(self, error: BaseException, route: str) -> Reply:
