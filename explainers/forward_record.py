@@ -31,6 +31,9 @@ class ForwardRecord:
 
     @contextlib.contextmanager
     def _capturing(self, model: nn.Module, layer_names: set[str]):
+        if not layer_names:  # most requests: no Grad-CAM layer, no walk over the model's modules
+            yield
+            return
         modules = dict(model.named_modules())
         missing = sorted(name for name in layer_names if name not in modules)
         if missing:
