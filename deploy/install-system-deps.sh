@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the system packages the project needs, only those missing: `java` (TorchServe's frontend)
-# and/or `prometheus` (Prometheus and promtool, for the monitoring tests and `make monitor`).
-# Usage: install-system-deps.sh [java] [prometheus]   (no argument: both)
+# and/or `prometheus` (Prometheus and promtool, for the monitoring tests and `make monitor`);
+# `wrk` (the HTTP load generator of the end-to-end benchmarks) only when named.
+# Usage: install-system-deps.sh [java] [prometheus] [wrk]   (no argument: java and prometheus)
 set -euo pipefail
 wanted=("$@")
 [ ${#wanted[@]} -eq 0 ] && wanted=(java prometheus)
@@ -10,7 +11,8 @@ for component in "${wanted[@]}"; do
   case "$component" in
     java) command -v java >/dev/null 2>&1 || missing+=(openjdk-17-jre-headless) ;;
     prometheus) { command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; } || missing+=(prometheus) ;;
-    *) echo "error: unknown component '$component' (java, prometheus)" >&2; exit 2 ;;
+    wrk) command -v wrk >/dev/null 2>&1 || missing+=(wrk) ;;
+    *) echo "error: unknown component '$component' (java, prometheus, wrk)" >&2; exit 2 ;;
   esac
 done
 [ ${#missing[@]} -eq 0 ] && exit 0

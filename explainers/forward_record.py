@@ -31,6 +31,9 @@ class ForwardRecord:
 
     @contextlib.contextmanager
     def _capturing(self, model: nn.Module, layer_names: set[str]):
+        if not layer_names:  # most requests: no Grad-CAM layer, no walk over the model's modules
+            yield
+            return
         modules = dict(model.named_modules())
         missing = sorted(name for name in layer_names if name not in modules)
         if missing:
@@ -41,8 +44,13 @@ class ForwardRecord:
         def capture(name: str):
             def hook(_module, _args, output):
                 # Other threads may run this module meanwhile; only our own forward is recorded.
-                if _active_selector.get() is selector:
-                    self.activations[name] = output
+                if _active_selector.get() is not selector:
+                    return None
+                self.activations[name] = output
+                # The rest of the forward reads a copy, so an in-place op after the layer (the
+                # model's own in-place ReLU on the fallback path, `out += identity`) cannot change
+                # the activation Grad-CAM weighs; the gradient still flows to it through the copy.
+                return output.clone() if isinstance(output, torch.Tensor) else None
             return hook
 
         try:
@@ -62,12 +70,12 @@ class ForwardRecord:
 
     def input_gradient(self, targets: torch.Tensor, rule: BackwardRule) -> torch.Tensor:
         """d score / d input with ``rule`` at every ReLU."""
-        self._selector.rule = rule
-        (gradient,) = torch.autograd.grad(self.score(targets), self.inputs, retain_graph=True)
+        with self._selector.applying(rule):
+            (gradient,) = torch.autograd.grad(self.score(targets), self.inputs, retain_graph=True)
         return gradient
 
     def layer_gradient(self, targets: torch.Tensor, layer: str) -> torch.Tensor:
         """Plain d score / d activation of ``layer``: a backward that stops at the layer."""
-        self._selector.rule = BackwardRule.GRADIENT
-        (gradient,) = torch.autograd.grad(self.score(targets), self.activations[layer], retain_graph=True)
+        with self._selector.applying(BackwardRule.GRADIENT):
+            (gradient,) = torch.autograd.grad(self.score(targets), self.activations[layer], retain_graph=True)
         return gradient

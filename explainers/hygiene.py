@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 _lock = threading.Lock()
-# model id -> [explanations in progress, saved training flags]; the first in saves, the last out restores,
+# model id -> [explanations in progress, modules that were in training mode]; the first in saves, the last out restores,
 # so concurrent explanations of one model never restore flags under each other's feet.
 _in_progress: dict[int, list] = {}
 
@@ -26,8 +26,12 @@ def explanation_mode(model: nn.Module) -> Iterator[None]:
     with _lock:
         entry = _in_progress.get(key)
         if entry is None:
-            entry = _in_progress[key] = [0, [(module, module.training) for module in model.modules()]]
-            model.eval()
+            # Only the modules in training mode need saving: a served model (all in eval mode)
+            # costs one pass over its modules, not a train(False) walk and a restore per request.
+            training = [module for module in model.modules() if module.training]
+            entry = _in_progress[key] = [0, training]
+            if training:
+                model.eval()
         entry[0] += 1
     try:
         with torch.inference_mode(False), torch.enable_grad():
@@ -37,5 +41,7 @@ def explanation_mode(model: nn.Module) -> Iterator[None]:
             entry[0] -= 1
             if entry[0] == 0:
                 del _in_progress[key]
-                for module, was_training in entry[1]:
-                    module.training = was_training
+                if entry[1]:
+                    trained = {id(module) for module in entry[1]}
+                    for module in model.modules():  # eval() may have been overridden to keep some in training
+                        module.training = id(module) in trained

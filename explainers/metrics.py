@@ -86,8 +86,21 @@ class Metrics:
         """Times the block into ``xai_stage_latency_seconds`` (also when it raises)."""
         return _StageTimer(self.recorder, stage, explainer)
 
-    def request(self, route: str, http_status: int) -> None:
-        self.recorder.increment(REQUESTS, route=route, outcome=outcome_of(http_status))
+    def request(self, route: str, http_status: int, count: int = 1) -> None:
+        self.recorder.increment(REQUESTS, count, route=route, outcome=outcome_of(http_status))
+
+    def requests(self, replies) -> None:
+        """Counts a batch's replies (``route``, ``status`` each): one increment per label set.
+
+        Through TorchServe every increment is a log line the frontend parses; one per batch and
+        outcome instead of one per request keeps that cost off the predict path.
+        """
+        counts: dict[tuple[str, str], int] = {}
+        for reply in replies:
+            key = (reply.route, outcome_of(reply.status))
+            counts[key] = counts.get(key, 0) + 1
+        for (route, outcome), count in counts.items():
+            self.recorder.increment(REQUESTS, count, route=route, outcome=outcome)
 
     def error(self, code: str) -> None:
         self.recorder.increment(ERRORS, code=code)

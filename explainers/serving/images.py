@@ -234,7 +234,25 @@ def _validated_size(size: object) -> tuple[int, int]:
     return int(size[0]), int(size[1])
 
 
+# Per-request validation of the same configured mean/std cost more than the normalisation itself.
+_channel_cache: dict[tuple, torch.Tensor] = {}
+
+
 def _channel_values(name: str, values: Sequence[float]) -> torch.Tensor:
+    try:
+        key = (name, *values)
+        cached = _channel_cache.get(key)
+    except TypeError:  # unhashable entries: validated below, not cached
+        key = cached = None
+    if cached is not None:
+        return cached
+    tensor = _checked_channel_values(name, values)
+    if key is not None and len(_channel_cache) < 64:
+        _channel_cache[key] = tensor
+    return tensor
+
+
+def _checked_channel_values(name: str, values: Sequence[float]) -> torch.Tensor:
     try:
         tensor = torch.as_tensor([float(v) for v in values], dtype=torch.float32)
     except (TypeError, ValueError) as malformed:

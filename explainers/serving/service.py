@@ -52,7 +52,7 @@ class _Prepared:
     request: ExplainRequest
     model_input: torch.Tensor  # [1, 3, H, W], normalised
     display_image: torch.Tensor  # [3, H, W] in [0, 1], for overlays
-    render: RenderOptions
+    render: RenderOptions | None  # None for a predict-only request
 
 
 def _failure(error: BaseException) -> PluginError:
@@ -108,8 +108,7 @@ class ExplanationService:
         for index, item in prepared.items():
             if item.request.explainers:
                 replies[index] = self._explain(item)
-        for reply in replies:
-            self.metrics.request(reply.route, reply.status)
+        self.metrics.requests(replies)
         return replies
 
     def _error_reply(self, error: BaseException, route: str) -> Reply:
@@ -131,7 +130,8 @@ class ExplanationService:
         with self.metrics.stage("decode"):
             request = parse_request(raw, settings)
             self._check_explainers(request)
-            render = self._render_options(request)
+            # Predict-only requests never render: their options are checked only when they carry some.
+            render = self._render_options(request) if request.explainers or request.render_overrides else None
             image = decode_image(request.image_bytes, max_pixels=settings.caps.max_image_pixels)
         with self.metrics.stage("preprocess"):
             model_input, display = to_model_input(image, size=settings.input_size, mean=settings.mean, std=settings.std)
