@@ -37,12 +37,18 @@ def _one(samples, name, **labels):
     return hits[0]
 
 
-def _wait_for(ts, names, timeout=10.0):
-    # the frontend updates some metrics (e.g. the ts_* latency counters) after answering
+def _has_series(samples, name, labels):
+    return any(all(lab.get(k) == x for k, x in labels.items()) for lab, _ in samples.get(name, []))
+
+
+def _wait_for(ts, names, series=(), timeout=15.0):
+    # The frontend parses the worker's metric lines after answering, in its own time: wait for the
+    # names and for the series emitted last, so a busy machine cannot make the scrape early.
     deadline = time.monotonic() + timeout
     while True:
         samples = _samples(ts.metrics_text())
-        if all(n in samples for n in names) or time.monotonic() > deadline:
+        ready = all(n in samples for n in names) and all(_has_series(samples, n, lab) for n, lab in series)
+        if ready or time.monotonic() > deadline:
             return samples
         time.sleep(0.2)
 
@@ -89,7 +95,9 @@ def scraped(server):
     # the worker imported the checkout under test, not another copy of the package
     assert json.loads(body)["explainers"].startswith(os.path.join(ROOT, "explainers")), body
     return before, _wait_for(server, ["xai_explanation_quality_count", "ts_inference_latency_microseconds",
-                                      "ts_queue_latency_microseconds"])
+                                      "ts_queue_latency_microseconds"],
+                             series=[("xai_stage_latency_seconds_count", {"stage": "encode"}),
+                                     ("xai_explanation_quality_sum", {"explainer": "saliency"})])
 
 
 def test_counter_created_at_zero_in_initialize(scraped):
