@@ -248,6 +248,36 @@ def _batch_norm_affine(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     return scale, shift
 
 
+class _ThreadConfinedTracer(torch.fx.Tracer):
+    """A tracer that leaves every other thread alone.
+
+    While it traces, ``torch.fx`` patches ``nn.Module.__call__`` and ``__getattr__`` process-wide:
+    a module called meanwhile from another thread (plain inference, training, another explanation)
+    would be routed into this trace and fail. Calls and attribute reads from any thread but the
+    tracing one run as if nothing were patched.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._thread = threading.get_ident()
+
+    def call_module(self, m, forward, args, kwargs):
+        if threading.get_ident() != self._thread:
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        if threading.get_ident() != self._thread:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+
+def _symbolic_trace(model: nn.Module) -> torch.fx.GraphModule:
+    tracer = _ThreadConfinedTracer()
+    graph = tracer.trace(model)
+    return torch.fx.GraphModule(tracer.root, graph, model.__class__.__name__)
+
+
 def trace_rule_model(model: nn.Module) -> torch.fx.GraphModule:
     """Trace ``model`` and route every ReLU call site through :func:`rule_relu`.
 
@@ -263,7 +293,7 @@ def trace_rule_model(model: nn.Module) -> torch.fx.GraphModule:
     Raises:
         Exception: whatever ``torch.fx`` raises for a model it cannot trace.
     """
-    graph_module = torch.fx.symbolic_trace(model)
+    graph_module = _symbolic_trace(model)
     graph = graph_module.graph
     modules = dict(graph_module.named_modules())
     position = {node: index for index, node in enumerate(graph.nodes)}

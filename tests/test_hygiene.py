@@ -119,6 +119,16 @@ def test_concurrent_threads_get_correct_results_and_plain_autograd_is_unaffected
     expected_plain = torch.autograd.grad(bystander(x_plain)[:, 1].sum(), x_plain)[0]
     failures, start = [], threading.Barrier(3)
 
+    def recording_failures(work):
+        # An exception in a thread never reaches pytest on its own: record it as a failure.
+        def run(*args):
+            try:
+                work(*args)
+            except BaseException as error:
+                failures.append(f"{work.__name__}: {type(error).__name__}: {error}")
+        return run
+
+    @recording_failures
     def explain(model, method):
         start.wait()
         for _ in range(15):
@@ -126,6 +136,7 @@ def test_concurrent_threads_get_correct_results_and_plain_autograd_is_unaffected
             if not torch.allclose(got, expected[id(model)], rtol=1e-5, atol=1e-6):
                 failures.append(method)
 
+    @recording_failures
     def plain_autograd():
         start.wait()
         for _ in range(30):
@@ -157,7 +168,7 @@ def test_one_training_model_explained_from_two_threads_stays_in_eval_throughout(
 
     def explain():
         start.wait()
-        for _ in range(10):
+        for _ in range(10):  # noqa: B007
             logits, _ = explainers.predict_and_explain(model, x, ["saliency"])
             results.append(torch.allclose(logits, expected_logits, atol=1e-5))
 
@@ -168,3 +179,30 @@ def test_one_training_model_explained_from_two_threads_stays_in_eval_throughout(
         thread.join()
     assert results and all(results)
     assert_same_state(before, model_state(model))
+
+
+def test_tracing_a_model_does_not_disturb_modules_running_in_other_threads():
+    """torch.fx patches nn.Module.__call__ process-wide while it traces; other threads must not notice."""
+    bystander = seeded(ModuleReluNet(), 4)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        expected = bystander(x)
+    stop, errors, runs = threading.Event(), [], []
+
+    def keep_running():
+        try:
+            while not stop.is_set():
+                with torch.no_grad():
+                    runs.append(torch.allclose(bystander(x), expected))
+        except BaseException as error:
+            errors.append(error)
+
+    thread = threading.Thread(target=keep_running)
+    thread.start()
+    try:
+        for seed in range(8):  # each new model is traced once, while the bystander keeps running
+            explainers.create("guided_backprop", seeded(TinyResNet(), seed)).explain(x)
+    finally:
+        stop.set()
+        thread.join()
+    assert errors == [] and runs and all(runs)
