@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH_PIN := torch==2.13.0
 
-.PHONY: test serve model-store monitor evaluate soak system-deps clean
+.PHONY: test serve model-store monitor evaluate soak bench bench-quick system-deps clean
 
 # torch is installed from its pin before anything that depends on it, so no CUDA wheels are pulled.
 $(STAMP): pyproject.toml
@@ -45,6 +45,15 @@ evaluate: $(STAMP)
 soak: model-store
 	bash deploy/install-system-deps.sh java
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m serving_tools.soak --json reports/soak.json
+
+# Performance goals side by side (~10-12 min on 2 cores); table on stdout, benchmarks/results/latest.json.
+bench: $(STAMP)
+	bash deploy/install-system-deps.sh java wrk
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m benchmarks.run
+
+bench-quick: $(STAMP)
+	bash deploy/install-system-deps.sh java wrk
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m benchmarks.run --quick
 
 clean:
 	rm -rf $(VENV) model_store/*.mar run
