@@ -168,7 +168,7 @@ def test_one_training_model_explained_from_two_threads_stays_in_eval_throughout(
 
     def explain():
         start.wait()
-        for _ in range(10):  # noqa: B007
+        for _ in range(10):
             logits, _ = explainers.predict_and_explain(model, x, ["saliency"])
             results.append(torch.allclose(logits, expected_logits, atol=1e-5))
 
