@@ -28,6 +28,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from explainers.serving.settings import load_class_names
+
 import yaml
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -37,27 +39,6 @@ CLASS_NAMES_NAME = "class_names.json"
 
 
 # -- class names -------------------------------------------------------------------------------
-
-
-def load_class_names(path: Path | str) -> list[str]:
-    """A JSON list of names, or TorchServe's index_to_name map {"0": "name", ...} (0..n-1)."""
-    loaded = json.loads(Path(path).read_text())
-    if isinstance(loaded, list) and all(isinstance(name, str) for name in loaded):
-        names = list(loaded)
-    elif isinstance(loaded, dict):
-        try:
-            by_index = {int(key): value for key, value in loaded.items()}
-        except ValueError as error:
-            raise ValueError(f"{path}: index_to_name keys must be integers") from error
-        if sorted(by_index) != list(range(len(by_index))):
-            raise ValueError(f"{path}: index_to_name keys must be 0..{len(by_index) - 1} without gaps")
-        # Some index_to_name files map to [wordnet_id, label]: the label is what users read.
-        names = [value[-1] if isinstance(value, list) else value for _, value in sorted(by_index.items())]
-    else:
-        raise ValueError(f"{path}: expected a JSON list of names or an index_to_name object")
-    if not names:
-        raise ValueError(f"{path}: no class names")
-    return [str(name) for name in names]
 
 
 # -- model-config.yaml -------------------------------------------------------------------------

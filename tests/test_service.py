@@ -197,3 +197,9 @@ def test_bad_settings_fail_the_load():
                 {"allowed_explainers": ["saliency"]}):
         with pytest.raises(explainers.PluginError):
             ServingSettings.from_mapping({"input_size": [16, 16], "class_names": CLASSES, **bad})
+
+
+def test_a_class_name_file_holding_one_string_is_rejected(tmp_path):
+    (tmp_path / "names.json").write_text('"cat"')
+    with pytest.raises(explainers.InvalidOptionError):
+        ServingSettings.from_mapping({"input_size": [16, 16], "class_names": "names.json"}, tmp_path)

@@ -148,13 +148,14 @@ class ServingSettings:
         return self.allowed_explainers or tuple(available())
 
 
-def load_class_names(spec: object, base_dir: Path) -> list[str]:
-    """Class names from a list, or from a JSON file: a list, or TorchServe's ``{"0": "cat", ...}``.
+def load_class_names(spec: object, base_dir: Path = Path(".")) -> list[str]:
+    """Class names from a list, or from a JSON file (a path relative to ``base_dir``) holding a list
+    or TorchServe's ``{"0": "cat", ...}``, whose values may also be ``[wordnet_id, label]`` pairs.
 
     Raises:
-        InvalidOptionError: the file is missing or malformed.
+        InvalidOptionError: the file is missing or malformed, or the names are empty or repeated.
     """
-    if isinstance(spec, str):
+    if isinstance(spec, (str, Path)):
         path = base_dir / spec
         try:
             spec = json.loads(path.read_text())
@@ -162,14 +163,15 @@ def load_class_names(spec: object, base_dir: Path) -> list[str]:
             raise InvalidOptionError(f"cannot read class names from {path}: {error}") from None
     if isinstance(spec, Mapping):
         try:
-            indices = sorted(int(key) for key in spec)
+            by_index = {int(key): value for key, value in spec.items()}
         except ValueError:
             raise InvalidOptionError("class name file keys must be class indices") from None
-        if indices != list(range(len(indices))):
+        if sorted(by_index) != list(range(len(by_index))):
             raise InvalidOptionError("class name indices must run 0..N-1 without gaps")
-        spec = [spec[str(index)] for index in indices]
-    if not (isinstance(spec, Sequence) and all(isinstance(name, str) and name for name in spec)):
-        raise InvalidOptionError(f"class_names must be a list of names or a JSON file, got {spec!r}")
+        # ImageNet-style files map to [wordnet_id, label]: the label is what users read.
+        spec = [value[-1] if isinstance(value, list) and value else value for _, value in sorted(by_index.items())]
+    if isinstance(spec, str) or not (isinstance(spec, Sequence) and spec and all(isinstance(name, str) and name for name in spec)):
+        raise InvalidOptionError(f"class_names must be a non-empty list of names or a JSON file, got {spec!r}")
     if len(set(spec)) != len(spec):
         raise InvalidOptionError("class names must be unique")
     return list(spec)
