@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH_PIN := torch==2.13.0
 
-.PHONY: test serve model-store monitor evaluate soak bench bench-quick system-deps clean
+.PHONY: test test-fast serve model-store monitor evaluate soak bench bench-quick system-deps clean
 
 # torch is installed from its pin before anything that depends on it, so no CUDA wheels are pulled.
 $(STAMP): pyproject.toml
@@ -18,17 +18,22 @@ $(STAMP): pyproject.toml
 system-deps:
 	bash deploy/install-system-deps.sh
 
+# Every tier: tests/unit, tests/service, tests/e2e (real TorchServe, Prometheus, ...).
 test: $(STAMP) system-deps
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q
 
+# The library and the service in-process, no server (a few minutes on 2 cores).
+test-fast: $(STAMP)
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q -m "unit or service"
+
 # Trains the demo model if its cached weights are missing or stale, then archives it if needed.
 model-store: $(STAMP)
-	$(PY) -m serving_tools.demo_store
+	$(PY) -m tools.demo_store
 
 # TorchServe in the foreground on 127.0.0.1:8080/8081/8082 (TS_*_ADDRESS override); Ctrl-C stops it.
 serve: model-store
 	bash deploy/install-system-deps.sh java
-	$(PY) -m serving_tools.serve --model-store model_store --models shapes=shapes.mar \
+	$(PY) -m tools.serve --model-store model_store --models shapes=shapes.mar \
 	  --config deploy/torchserve/local.properties --example-image docs/examples/circle.png
 
 # Prometheus in the foreground, scraping TS_METRICS_ADDRESS (default 127.0.0.1:8082).
@@ -38,13 +43,13 @@ monitor:
 # Explanation quality of every explainer on the demo model (trains it first if needed):
 # reports/quality.{json,md,png}; about 2.5 minutes on two cores.
 evaluate: $(STAMP)
-	OMP_WAIT_POLICY=PASSIVE $(PY) -m explainers.evaluation.report --out reports
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m tools.quality_report --out reports
 
 # A real TorchServe with the demo model under 3000 mixed requests at concurrency 6: no unexpected
 # 5xx, worker memory growth under 10 % after warm-up (a 300-request version runs in make test).
 soak: model-store
 	bash deploy/install-system-deps.sh java
-	OMP_WAIT_POLICY=PASSIVE $(PY) -m serving_tools.soak --json reports/soak.json
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m tools.soak --json reports/soak.json
 
 # Performance goals side by side (~10-12 min on 2 cores); table on stdout, benchmarks/results/latest.json.
 bench: $(STAMP)

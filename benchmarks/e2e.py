@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from serving_tools.archive import archive_model
-from serving_tools.torchserve import TorchServeProcess
+from tools.archive import archive_model
+from tools.torchserve import TorchServeProcess
 
 from .inprocess import _png
 

@@ -12,12 +12,12 @@ from PIL import Image
 from torch import nn
 
 import explainers
-from explainers.cam import last_conv_layer
-from explainers.metrics import prometheus_metrics
-from explainers.relu_rules import rule_model_for
-from explainers.serving.requests import RawRequest
-from explainers.serving.service import ExplanationService
-from explainers.serving.settings import ServingSettings
+from explainers.methods.cam import last_conv_layer
+from serving.metrics import prometheus_metrics
+from explainers.kernels.rule_models import rule_model_for
+from serving.requests import RawRequest
+from serving.service import ExplanationService
+from serving.settings import ServingSettings
 from explainers.validation import model_device
 
 from . import stock

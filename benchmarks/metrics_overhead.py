@@ -50,7 +50,7 @@ from ts.metrics.metric_type_enum import MetricTypes  # noqa: E402
 
 from demo.model_cache import BUILD_DIR, trained_demo_model  # noqa: E402
 from demo.shapes import draw_shape  # noqa: E402
-from explainers import metrics as xm  # noqa: E402
+from serving import metrics as xm  # noqa: E402
 from handlers.image_explainer import ImageExplainerHandler  # noqa: E402
 
 METRICS_YAML = REPO_ROOT / "deploy" / "torchserve" / "metrics.yaml"

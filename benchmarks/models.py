@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from demo import allconv
+
 from .resnet50_model import ResNet50
-from .standin_allconv import StandInAllConvNet
 
 RESNET50_FILE = Path(__file__).with_name("resnet50_model.py")
 
@@ -38,16 +39,9 @@ def seeded_init(model: nn.Module, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
-STANDIN_FILE = Path(__file__).with_name("standin_allconv.py")
-
-
 def demo_model() -> tuple[nn.Module, str, Path]:
-    """The demo's AllConvNet when the demo package has it, else the stand-in of the same shape:
-    the model, what it is, and the self-contained file that defines it (for a model archive)."""
-    try:
-        import demo.allconv as allconv  # type: ignore[import-not-found]
-    except ImportError:
-        return seeded_init(StandInAllConvNet()), "stand-in AllConvNet (demo.allconv not in this checkout)", STANDIN_FILE
+    """The demo's AllConvNet with seeded weights: the model, what it is, and the file that defines
+    it (for a model archive)."""
     return seeded_init(allconv.AllConvNet()), "demo.allconv.AllConvNet", Path(allconv.__file__)
 
 

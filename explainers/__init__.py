@@ -1,11 +1,12 @@
 """The explainer layer: predictions with explanations for image classifiers.
 
-Knows nothing of TorchServe. See DESIGN.md section 1 for the contract.
+The library: it imports torch and Captum and nothing else of this project; serving, TorchServe
+and tools build on it. See DESIGN.md section 1 for the contract.
 """
 
-from . import cam, captum_methods, gradient_methods  # noqa: F401  (registers the built-in explainers)
+from . import methods  # noqa: F401  (registers the built-in explainers)
 from .api import predict_and_explain
-from .base import Explainer, GradientRuleExplainer
+from .base import Cost, Explainer, GradientRuleExplainer
 from .errors import (
     InvalidInputError,
     InvalidOptionError,
@@ -17,6 +18,7 @@ from .explanation import Explanation
 from .registry import available, create, register
 
 __all__ = [
+    "Cost",
     "Explainer",
     "Explanation",
     "GradientRuleExplainer",

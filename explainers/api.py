@@ -7,13 +7,13 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from .base import Explainer, GradientRuleExplainer
+from .base import Explainer
 from .errors import InvalidOptionError
 from .explanation import Explanation
-from .forward_record import ForwardRecord
 from .hygiene import explanation_mode
 from .registry import create
-from .validation import TargetSpec, check_target_spec, resolve_targets, validate_inputs
+from .run import ExplanationRun
+from .validation import TargetSpec
 
 
 def build_explainers(model: nn.Module, methods: Sequence[str | Explainer], options: Mapping) -> list[Explainer]:
@@ -42,39 +42,6 @@ def build_explainers(model: nn.Module, methods: Sequence[str | Explainer], optio
             raise InvalidOptionError(f"options for {method} must be a mapping, got {method_options!r}")
         explainers.append(create(method, model, **method_options))
     return explainers
-
-
-class ExplanationRun:
-    """One forward pass of ``inputs`` shared by the prediction and every gradient-rule explainer.
-
-    Use inside :func:`explanation_mode`. Gradient-rule explainers run backward passes over the
-    recorded graph; the others run on their own afterwards. Each :meth:`explain` call may fail on
-    its own without spoiling the others.
-    """
-
-    def __init__(self, model: nn.Module, inputs: torch.Tensor, explainers: Sequence[Explainer], target: TargetSpec):
-        self.model = model
-        self.inputs = validate_inputs(inputs, model)
-        check_target_spec(target, self.inputs.shape[0])
-        gradient_explainers = [e for e in explainers if isinstance(e, GradientRuleExplainer)]
-        if gradient_explainers:
-            layers = {layer for explainer in gradient_explainers for layer in explainer.layers()}
-            self._record: ForwardRecord | None = ForwardRecord(model, self.inputs, layers)
-            self.logits = self._record.logits
-        else:
-            self._record = None
-            with torch.no_grad():
-                self.logits = model(self.inputs)
-        self.targets = resolve_targets(target, self.logits)
-
-    def explain(self, explainer: Explainer, targets: torch.Tensor | None = None) -> Explanation:
-        """``explainer``'s explanation for ``targets`` (default: the run's resolved targets)."""
-        targets = self.targets if targets is None else targets
-        if isinstance(explainer, GradientRuleExplainer):
-            attributions = explainer.attribute_from_record(self._record, targets)
-        else:
-            attributions = explainer.attribute(self.inputs, targets)
-        return Explanation(attributions.detach(), targets, explainer.name)
 
 
 def predict_and_explain(

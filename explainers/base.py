@@ -3,12 +3,30 @@
 from __future__ import annotations
 
 import abc
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import nn
 
-from .forward_record import ForwardRecord
+from .kernels.forward_record import ForwardRecord
+from .run import ExplanationRun
+
+
+@dataclass(frozen=True)
+class Cost:
+    """What one explanation of one input row costs, beyond the forward pass it may share.
+
+    ``evaluations`` rows of the model are run (forward, and backward where the method needs one)
+    in passes of at most ``rows_per_forward`` rows. ``evaluations_option`` and ``batch_option`` name
+    the options a client changes to lower them (None where no option does).
+    """
+
+    evaluations: int = 0
+    backward_passes: int = 1
+    rows_per_forward: int = 1
+    evaluations_option: str | None = None
+    batch_option: str | None = None
 
 
 class Explainer(abc.ABC):
@@ -19,9 +37,25 @@ class Explainer(abc.ABC):
     """
 
     name: ClassVar[str] = ""
+    # Whether the method runs backward passes over the forward pass the prediction made.
+    shares_forward: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module):
         self.model = model
+
+    def cost(self, height: int, width: int) -> Cost:
+        """What explaining one ``height`` x ``width`` row costs (default: one forward, one backward).
+
+        Methods that run the model more often say so: cost caps bound every method by this.
+
+        Raises:
+            InvalidOptionError: the options cannot explain an input of that size.
+        """
+        return Cost(evaluations=1, backward_passes=1, rows_per_forward=1)
+
+    def layers(self) -> list[str]:
+        """Names of the layers whose activations the shared forward must capture."""
+        return []
 
     @abc.abstractmethod
     def attribute(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -37,18 +71,16 @@ class Explainer(abc.ABC):
             InvalidInputError: inputs not a finite float tensor ``[B, C, H, W]``.
             InvalidTargetError: target of the wrong type, length or out of range.
         """
-        from .api import predict_and_explain  # the one code path for every explanation
-
-        _, explanations = predict_and_explain(self.model, inputs, [self], target=target)
-        return explanations[self.name]
+        return ExplanationRun.explain_one(self.model, inputs, self, target)
 
 
 class GradientRuleExplainer(Explainer):
     """A method computed from backward passes over a shared :class:`ForwardRecord`."""
 
-    def layers(self) -> list[str]:
-        """Names of the layers whose activations the forward must capture."""
-        return []
+    shares_forward = True
+
+    def cost(self, height: int, width: int) -> Cost:
+        return Cost(evaluations=0, backward_passes=1, rows_per_forward=1)
 
     @abc.abstractmethod
     def attribute_from_record(self, record: ForwardRecord, targets: torch.Tensor) -> torch.Tensor:

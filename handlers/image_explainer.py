@@ -1,7 +1,8 @@
 """TorchServe handler: image classification with explanations on request.
 
 A thin adapter: it loads the model and settings, turns TorchServe's request list and context into
-the explainer layer's requests, and sets each reply's status. All logic lives in ``explainers``.
+the request service's requests, and sets each reply's status. All logic lives in ``serving`` and
+``explainers``.
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ from pathlib import Path
 import torch
 from ts.metrics.metric_type_enum import MetricTypes
 
-from explainers.metrics import Metrics, TorchServeRecorder
-from explainers.serving.envelopes import reply_bodies_for, requests_from_instances
-from explainers.serving.requests import RawRequest
-from explainers.serving.service import ExplanationService
-from explainers.serving.settings import ServingSettings
+from handlers.envelopes import reply_bodies_for, requests_from_instances
 from handlers.model_loading import load_eager_model
+from handlers.torchserve_metrics import TorchServeRecorder
+from serving.metrics import Metrics
+from serving.replies import internal_error_reply
+from serving.requests import RawRequest
+from serving.service import ExplanationService
+from serving.settings import ServingSettings
 
 logger = logging.getLogger(__name__)
 
@@ -52,10 +55,10 @@ class ImageExplainerHandler:
             # TorchServe answers every request of the batch with 503 when handle() raises; a bug
             # here gets a typed 500 per request instead, and the worker keeps serving.
             logger.exception("unexpected error while handling a batch")
-            error = {"error": {"code": "internal", "message": "internal error while handling the request"}}
+            reply = internal_error_reply()
             for index in range(len(data or [])):
-                context.set_response_status(500, "internal", index)
-            return [error for _ in data or []]
+                context.set_response_status(reply.status, reply.error_code, index)
+            return [reply.body for _ in data or []]
 
     def _handle(self, data, context):
         envelope = self.service.settings.envelope
@@ -67,8 +70,8 @@ class ImageExplainerHandler:
             requests.append(RawRequest(fields=fields, headers=headers, explain_route=_is_explain_request(headers)))
         replies = self.service.handle(requests)
         for index, reply in enumerate(replies):
-            if reply.status != 200:
-                context.set_response_status(reply.status, reply.body["error"]["code"], index)
+            if reply.error_code is not None:
+                context.set_response_status(reply.status, reply.error_code, index)
         return [reply.body for reply in replies]
 
     def _handle_instances(self, envelope: str, instances, context):
@@ -76,7 +79,7 @@ class ImageExplainerHandler:
         headers = context.get_all_request_header(0) or {}
         requests = requests_from_instances(envelope, instances, headers, _is_explain_request(headers))
         replies = self.service.handle(requests)
-        failed = [reply for reply in replies if reply.status != 200]
+        failed = [reply for reply in replies if reply.error_code is not None]
         if failed:
-            context.set_response_status(failed[0].status, failed[0].body["error"]["code"], 0)
+            context.set_response_status(failed[0].status, failed[0].error_code, 0)
         return reply_bodies_for(envelope, [reply.body for reply in replies])

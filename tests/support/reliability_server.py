@@ -21,11 +21,13 @@ import yaml
 from PIL import Image
 
 from demo.model_cache import BUILD_DIR
-from serving_tools.archive import archive_model
-from serving_tools.demo_store import CONFIG_FILE, HANDLER_FILE, MODEL_FILE
-from serving_tools.torchserve import TorchServeProcess
+from tools.archive import archive_model
+from tools.demo_store import CONFIG_FILE, HANDLER_FILE, MODEL_FILE
+from tools.torchserve import TorchServeProcess
 
-FAULTY_MODEL_FILE = Path(__file__).resolve().parents[1] / "fixtures" / "faulty_model" / "faulty_shapes.py"
+from .paths import FIXTURES
+
+FAULTY_MODEL_FILE = FIXTURES / "faulty_model" / "faulty_shapes.py"
 
 CAPS = {
     "max_image_pixels": 40_000,  # 200 x 200
@@ -33,14 +35,15 @@ CAPS = {
     "max_explained_classes": 2,
     "max_integrated_gradients_steps": 16,
     "max_smoothgrad_samples": 8,
-    "max_occlusion_evaluations": 64,
+    "max_occlusion_evaluations": 65,  # 8 x 8 windows and the unoccluded forward
     "max_top_k": 2,
     "max_batch_per_forward": 8,
     "coarse_output": 8,
     "max_quality_steps": 4,
+    "max_evaluations_per_explanation": 32,
 }
 CAPPED_HANDLER = {
-    "allowed_explainers": ["saliency", "grad_cam", "integrated_gradients", "smoothgrad", "occlusion"],
+    "allowed_explainers": ["saliency", "grad_cam", "integrated_gradients", "smoothgrad", "occlusion", "costly_probe"],
     "default_explainers": ["grad_cam"],
     "top_k": 2,
     "quality_steps": 4,
@@ -68,7 +71,8 @@ def add_capped_model(store: Path) -> str:
     handler = config["handler"]
     handler.pop("explainer_options", None)
     handler.update(CAPPED_HANDLER)
-    return _archive(store, "capped", config)
+    # The faulty model file: the same network, plus costly_probe, a registered explainer to cap.
+    return _archive(store, "capped", config, FAULTY_MODEL_FILE)
 
 
 def add_faulty_model(store: Path) -> str:

@@ -1,1 +1,0 @@
-"""Serving-side building blocks that need no TorchServe: request image decoding and model inputs."""

@@ -1,0 +1,1 @@
+"""Attribution maps to what a client receives: PNG heatmaps, overlays, float16 arrays, JSON."""

@@ -1,0 +1,234 @@
+"""Serving one batch of requests: decode, predict, explain on request, encode.
+
+Framework-neutral: the TorchServe handler only adapts its request list and context to this. Every
+request succeeds or fails on its own; a failed explanation still returns the prediction.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from explainers import Explainer
+from explainers.api import build_explainers
+from explainers.errors import (
+    CostCapExceededError,
+    ExplainerNotAllowedError,
+    InvalidOptionError,
+    InvalidRequestError,
+    PluginError,
+)
+from explainers.evaluation.maps import importance_map
+from explainers.evaluation.perturbation import deletion_curve
+from explainers.hygiene import explanation_mode
+from explainers.registry import explainer_class
+from explainers.run import ExplanationRun
+from explainers.validation import model_device
+
+from .caps import check_cost
+from .images import decode_image, to_model_input
+from .metrics import Metrics
+from .rendering.encode import JSON_MAX_CELLS, encode_attribution
+from .rendering.options import RenderOptions
+from .replies import Reply, as_plugin_error, error_reply
+from .requests import ExplainRequest, RawRequest, parse_request
+from .settings import ServingSettings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    request: ExplainRequest
+    model_input: torch.Tensor  # [1, 3, H, W], normalised
+    display_image: torch.Tensor  # [3, H, W] in [0, 1], for overlays
+    render: RenderOptions | None  # None for a predict-only request
+
+
+class ExplanationService:
+    """Serves predictions, with explanations for the requests that ask for them."""
+
+    def __init__(self, model: nn.Module, settings: ServingSettings, metrics: Metrics | None = None):
+        self.model = model.eval()
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.device = model_device(model)
+        RenderOptions.from_mapping(settings.render, None)  # a bad render default fails the load
+
+    # --- the batch ------------------------------------------------------------------------
+
+    def handle(self, raw_requests: Sequence[RawRequest | PluginError]) -> list[Reply]:
+        """One reply per request, in order; an entry that is already an error is answered with it."""
+        replies: list[Reply | None] = [None] * len(raw_requests)
+        prepared: dict[int, _Prepared] = {}
+        for index, raw in enumerate(raw_requests):
+            if isinstance(raw, PluginError):
+                replies[index] = self._error_reply(raw, "predict")
+                continue
+            route = "explain" if raw.explain_route else "predict"
+            try:
+                prepared[index] = self._prepare(raw)
+            except Exception as error:  # one bad request must not fail its batch
+                replies[index] = self._error_reply(error, route)
+        plain = [index for index, item in prepared.items() if not item.request.explainers]
+        if plain:
+            for index, reply in zip(plain, self._predict([prepared[i] for i in plain])):
+                replies[index] = reply
+        for index, item in prepared.items():
+            if item.request.explainers:
+                replies[index] = self._explain(item)
+        self.metrics.requests(replies)
+        return replies
+
+    def _error_reply(self, error: BaseException, route: str) -> Reply:
+        reply = error_reply(error, route)
+        self.metrics.error(reply.error_code)
+        return reply
+
+    # --- decoding and checks ----------------------------------------------------------------
+
+    def _prepare(self, raw: RawRequest) -> _Prepared:
+        settings = self.settings
+        with self.metrics.stage("decode"):
+            request = parse_request(raw, settings)
+            self._check_explainers(request)
+            # Predict-only requests never render: their options are checked only when they carry some.
+            render = self._render_options(request) if request.explainers or request.render_overrides else None
+            image = decode_image(request.image_bytes, max_pixels=settings.caps.max_image_pixels)
+        with self.metrics.stage("preprocess"):
+            model_input, display = to_model_input(image, size=settings.input_size, mean=settings.mean, std=settings.std)
+        return _Prepared(request, model_input, display, render)
+
+    def _check_explainers(self, request: ExplainRequest) -> None:
+        caps, allowed = self.settings.caps, self.settings.allowed
+        for name in request.explainers:
+            explainer_class(name)  # UnknownExplainerError lists the registered names
+            if name not in allowed:
+                raise ExplainerNotAllowedError(f"explainer {name!r} is not enabled for this model; allowed: {list(allowed)}")
+        if len(request.explainers) > caps.max_explainers_per_request:
+            raise CostCapExceededError(
+                f"{len(request.explainers)} explainers requested; this model allows {caps.max_explainers_per_request} per request",
+                cap="max_explainers_per_request")
+        stray = sorted(set(request.method_options) - set(request.explainers))
+        if stray:
+            raise InvalidRequestError(f"options given for explainer(s) not requested: {stray}")
+        if request.target is not None and request.explain_top_k > 1:
+            raise InvalidRequestError("give either \"target\" or \"explain_top_k\", not both")
+        self._check_quality(request)
+
+    def _check_quality(self, request: ExplainRequest) -> None:
+        if request.quality_steps is None:
+            return
+        if not request.explainers:
+            raise InvalidRequestError("\"quality\" scores explanations: ask for one with \"explain\" or the explanations route")
+        cap = self.settings.caps.max_quality_steps
+        if cap == 0:
+            raise CostCapExceededError("quality scores are turned off for this model", cap="max_quality_steps")
+        if request.quality_steps > cap:
+            raise CostCapExceededError(f"quality steps={request.quality_steps} exceeds the cap of {cap}",
+                                       cap="max_quality_steps")
+
+    def _render_options(self, request: ExplainRequest) -> RenderOptions:
+        overrides = dict(request.render_overrides)
+        coarse_cap = self.settings.caps.coarse_output
+        if coarse_cap is not None:
+            # A client may ask for coarser maps than the cap, never finer ones.
+            asked = overrides.get("coarse_size", self.settings.render.get("coarse_size"))
+            overrides["coarse_size"] = coarse_cap if not isinstance(asked, int) else min(asked, coarse_cap)
+        render = RenderOptions.from_mapping(self.settings.render, overrides)
+        height, width = self.settings.input_size
+        cells = render.coarse_size ** 2 if render.coarse_size else height * width
+        if render.encoding == "json" and cells > JSON_MAX_CELLS:
+            raise InvalidOptionError(
+                f"encoding 'json' is for small maps only ({JSON_MAX_CELLS} values); this model's maps have {cells}: use png or npy-f16")
+        return render
+
+    def _explainers(self, request: ExplainRequest) -> list[Explainer]:
+        options = {
+            name: {**self.settings.explainer_options.get(name, {}), **request.method_options.get(name, {})}
+            for name in request.explainers
+        }
+        explainers = build_explainers(self.model, list(request.explainers), options)
+        for explainer in explainers:
+            check_cost(explainer, self.settings.caps, self.settings.input_size)
+        return explainers
+
+    # --- prediction and explanation --------------------------------------------------------
+
+    def _predictions(self, logits: torch.Tensor, top_k: int) -> list[dict]:
+        probabilities = torch.softmax(logits.float(), dim=-1)
+        scores, indices = probabilities.topk(top_k)
+        return [{"index": int(i), "label": self.settings.class_names[int(i)], "score": round(float(s), 6)}
+                for s, i in zip(scores.tolist(), indices.tolist())]
+
+    def _predict(self, items: list[_Prepared]) -> list[Reply]:
+        try:
+            with self.metrics.stage("inference"), torch.inference_mode():
+                logits = self.model(torch.cat([item.model_input for item in items]).to(self.device)).cpu()
+        except Exception as error:
+            return [self._error_reply(error, "predict") for _ in items]
+        return [Reply(200, {"predictions": self._predictions(row, item.request.top_k)}, "predict")
+                for row, item in zip(logits, items)]
+
+    def _explain(self, item: _Prepared) -> Reply:
+        request, route = item.request, item.request.route
+        try:
+            explainers = self._explainers(request)
+            with explanation_mode(self.model):
+                with self.metrics.stage("inference"):
+                    run = ExplanationRun(self.model, item.model_input, explainers, request.target)
+                logits = run.logits.detach()[0].cpu()
+                if request.explain_top_k > 1:
+                    targets = logits.topk(request.explain_top_k).indices.tolist()
+                else:
+                    targets = [int(run.targets[0])]
+                explanations, errors = {}, {}
+                for explainer in explainers:
+                    try:
+                        explanations[explainer.name] = self._explain_with(run, explainer, targets, item)
+                    except Exception as error:
+                        if not isinstance(error, PluginError):
+                            logger.exception("explainer %s failed", explainer.name)
+                        errors[explainer.name] = entry = as_plugin_error(error).to_dict()
+                        self.metrics.error(entry["code"])
+                        self.metrics.explanation(explainer.name, ok=False)
+        except Exception as error:
+            return self._error_reply(error, route)
+        body = {"predictions": self._predictions(logits, request.top_k), "explanations": explanations}
+        if errors:
+            body["explanation_errors"] = errors
+        return Reply(200, body, route)
+
+    def _explain_with(self, run: ExplanationRun, explainer: Explainer, targets: list[int], item: _Prepared):
+        entries = []
+        steps = item.request.quality_steps
+        for target in targets:
+            # A quality score is part of what the explanation costs, so it is timed with it.
+            with self.metrics.stage("explain", explainer.name):
+                explanation = run.explain(explainer, torch.tensor([target], device=run.logits.device))
+                quality = self._quality(run, explanation.attributions, target, steps) if steps else None
+            with self.metrics.stage("encode"):
+                entry = encode_attribution(explanation.attributions[0].cpu(), options=item.render, image=item.display_image)
+            entry = {"target": {"index": target, "label": self.settings.class_names[target]}, **entry}
+            if quality is not None:
+                entry["quality"] = quality
+                for metric, value in quality.items():
+                    self.metrics.quality(explainer.name, metric, value)
+            entries.append(entry)
+        self.metrics.explanation(explainer.name, ok=True, payload_bytes=sum(len(str(e["data"])) for e in entries))
+        return entries[0] if len(entries) == 1 else entries
+
+    def _quality(self, run: ExplanationRun, attributions: torch.Tensor, target: int, steps: int) -> dict[str, float]:
+        """Cheap faithfulness score of one explanation: the deletion AUC at ``steps`` steps.
+
+        Pixels go, most important first, to the model-input value 0 (the normalisation's mean
+        colour); ``steps + 1`` forwards of the one image, batched. Lower is better: 0.1 means the
+        prediction collapsed as soon as the top-ranked pixels went.
+        """
+        curve = deletion_curve(self.model, run.inputs, importance_map(attributions), torch.tensor([target]),
+                               steps=steps)
+        return {"deletion_auc": round(float(curve.auc[0]), 4)}

@@ -1,0 +1,344 @@
+"""Build TorchServe model archives (.mar), rebuilding only when their sources changed.
+
+Two ways in:
+
+- You have a model-config.yaml: pass it with --config; --class-names is packed beside it as is.
+- "Bring your own model": give the model file, state dict, class names and input size, and a
+  model-config.yaml is written for the project's handler (batching, workers, and a `handler:`
+  section the handler reads through ctx.model_yaml_config):
+
+    python -m tools.archive --name mymodel --model-file net.py --serialized-file net.pt \
+        --class-names index_to_name.json --input-size 224 224 \
+        --mean 0.485 0.456 0.406 --std 0.229 0.224 0.225 --export-path model_store
+
+Checks go through the handler's own settings type, which loads torch: it is imported where a config
+is checked, so importing this module (the demo store, the tests) stays cheap.
+
+torch-model-archiver stages files in $TMPDIR/<model name> and deletes that directory first, so two
+builds of the same name sharing a temp dir would corrupt each other: each build here gets its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_HANDLER = PROJECT_ROOT / "handlers" / "image_explainer.py"
+MODEL_CONFIG_NAME = "model-config.yaml"
+CLASS_NAMES_NAME = "class_names.json"
+
+
+# -- model-config.yaml -------------------------------------------------------------------------
+
+
+def model_config(
+    *,
+    input_size: Sequence[int],
+    class_names: str | Sequence[str],
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    top_k: int = 3,
+    batch_size: int = 4,
+    max_batch_delay_ms: int = 50,
+    min_workers: int = 1,
+    max_workers: int = 1,
+    response_timeout_s: int = 120,
+) -> dict[str, Any]:
+    """model-config.yaml contents: TorchServe's keys at the top, ours under `handler:`.
+
+    The frontend reads batchSize, maxBatchDelay (ms), min/maxWorkers and responseTimeout (s) from
+    the archive; the worker hands the whole parsed file to the handler as ctx.model_yaml_config.
+    """
+    handler: dict[str, Any] = {"input_size": list(normalise_input_size(input_size))}
+    if mean is not None or std is not None:
+        handler["mean"] = mean if mean is None else [float(value) for value in mean]
+        handler["std"] = std if std is None else [float(value) for value in std]
+    handler["class_names"] = class_names if isinstance(class_names, str) else list(class_names)
+    handler["top_k"] = int(top_k)
+    _check_handler_section(handler)
+    return {
+        "minWorkers": min_workers,
+        "maxWorkers": max_workers,
+        "batchSize": batch_size,
+        "maxBatchDelay": max_batch_delay_ms,
+        "responseTimeout": response_timeout_s,
+        "handler": handler,
+    }
+
+
+def normalise_input_size(input_size: Sequence[int] | int) -> tuple[int, int]:
+    """224 -> (224, 224); [H, W] -> (H, W), as the handler's settings read it."""
+    from serving.settings import parse_input_size
+
+    sizes = [input_size] if isinstance(input_size, int) else list(input_size)
+    return parse_input_size(sizes[0] if len(sizes) == 1 else sizes)
+
+
+def _check_handler_section(handler: Mapping[str, Any]) -> None:
+    """Loads the section as the handler will, so an archive this tool writes always loads.
+
+    Raises:
+        InvalidOptionError (a ValueError): what the handler would refuse at model load.
+    """
+    from serving.settings import ServingSettings
+
+    ServingSettings.from_mapping(handler)
+
+
+def render_model_config(config: Mapping[str, Any]) -> str:
+    return "# Written by tools.archive.\n" + yaml.safe_dump(dict(config), sort_keys=False, default_flow_style=None)
+
+
+# -- archiving ---------------------------------------------------------------------------------
+
+
+def archiver_command() -> list[str]:
+    """The torch-model-archiver of the running interpreter's environment."""
+    script = Path(sys.executable).with_name("torch-model-archiver")
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-m", "model_archiver.model_packaging"]
+
+
+def archive_model(
+    name: str,
+    *,
+    model_file: Path | str,
+    serialized_file: Path | str,
+    handler: Path | str,
+    export_path: Path | str,
+    config_file: Path | str | None = None,
+    extra_files: Iterable[Path | str] = (),
+    version: str = "1.0",
+) -> Path:
+    """Run torch-model-archiver (--force) and return the .mar path.
+
+    Every file lands at the archive root under its base name (a directory in extra_files
+    contributes its contents), which is where the handler finds them at runtime.
+    """
+    sources = [Path(model_file), Path(serialized_file), Path(handler)]
+    sources += [Path(config_file)] if config_file else []
+    extras = [Path(path) for path in extra_files]
+    for path in sources + extras:
+        if not path.exists():
+            raise FileNotFoundError(f"archive source not found: {path}")
+    export_dir = Path(export_path)
+    export_dir.mkdir(parents=True, exist_ok=True)
+    command = archiver_command() + [
+        "--model-name", name,
+        "--version", version,
+        "--model-file", str(model_file),
+        "--serialized-file", str(serialized_file),
+        "--handler", str(handler),
+        "--export-path", str(export_dir),
+        "--force",
+    ]  # fmt: skip
+    if config_file:
+        command += ["--config-file", str(config_file)]
+    if extras:
+        command += ["--extra-files", ",".join(str(path) for path in extras)]
+    with tempfile.TemporaryDirectory(prefix="mar-staging-") as staging:
+        environment = {**os.environ, "TMPDIR": staging, "TEMP": staging, "TMP": staging}
+        result = subprocess.run(command, env=environment, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"torch-model-archiver failed ({result.returncode}):\n{result.stdout}{result.stderr}")
+    return export_dir / f"{name}.mar"
+
+
+def archive_own_model(
+    name: str,
+    *,
+    model_file: Path | str,
+    serialized_file: Path | str,
+    class_names: Path | str,
+    input_size: Sequence[int] | int,
+    export_path: Path | str,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    handler: Path | str = DEFAULT_HANDLER,
+    extra_files: Iterable[Path | str] = (),
+    version: str = "1.0",
+    **config_options: Any,
+) -> Path:
+    """Bring your own model: write model-config.yaml and class_names.json, then archive.
+
+    The class names are normalised to a JSON list whatever form they came in. config_options go
+    to `model_config` (top_k, batch_size, max_batch_delay_ms, min_workers, ...).
+    """
+    generated = own_model_generated_files(class_names, input_size, mean, std, **config_options)
+    with tempfile.TemporaryDirectory(prefix="byo-model-") as staging:
+        staged = []
+        for file_name, content in generated.items():
+            (Path(staging) / file_name).write_bytes(content)
+            staged.append(Path(staging) / file_name)
+        return archive_model(
+            name,
+            model_file=model_file,
+            serialized_file=serialized_file,
+            handler=handler,
+            export_path=export_path,
+            config_file=Path(staging) / MODEL_CONFIG_NAME,
+            extra_files=[Path(staging) / CLASS_NAMES_NAME, *extra_files],
+            version=version,
+        )
+
+
+def own_model_generated_files(
+    class_names: Path | str,
+    input_size: Sequence[int] | int,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    **config_options: Any,
+) -> dict[str, bytes]:
+    """The files `archive_own_model` writes, by archive member name (also used to detect staleness)."""
+    from serving.class_names import load_class_names
+
+    names = load_class_names(class_names)
+    config = model_config(input_size=input_size, class_names=names, mean=mean, std=std, **config_options)
+    config["handler"]["class_names"] = CLASS_NAMES_NAME  # packed beside the config, as a list
+    return {
+        MODEL_CONFIG_NAME: render_model_config(config).encode(),
+        CLASS_NAMES_NAME: (json.dumps(names, indent=1) + "\n").encode(),
+    }
+
+
+# -- staleness ---------------------------------------------------------------------------------
+
+
+def mar_is_stale(mar: Path | str, sources: Iterable[Path | str], generated: Mapping[str, bytes] | None = None) -> bool:
+    """Whether `mar` must be (re)built: missing, unreadable, older than a source file (files in a
+    source directory count), or holding a generated member whose content is no longer what we
+    would write (options changed without any file changing)."""
+    mar = Path(mar)
+    if not mar.is_file():
+        return True
+    built_at = mar.stat().st_mtime
+    for source in map(Path, sources):
+        files = [path for path in source.rglob("*") if path.is_file()] if source.is_dir() else [source]
+        if any(not path.exists() or path.stat().st_mtime > built_at for path in files):
+            return True
+    if generated:
+        try:
+            with zipfile.ZipFile(mar) as archive:
+                return any(archive.read(member) != content for member, content in generated.items())
+        except (zipfile.BadZipFile, KeyError):
+            return True
+    return False
+
+
+def read_archived_model_config(mar: Path | str) -> dict[str, Any]:
+    """The parsed model-config.yaml inside a .mar (as TorchServe will hand it to the handler)."""
+    with zipfile.ZipFile(mar) as archive:
+        manifest = json.loads(archive.read("MAR-INF/MANIFEST.json"))
+        config_name = manifest["model"].get("configFile")
+        return yaml.safe_load(archive.read(config_name)) if config_name else {}
+
+
+# -- command line ------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m tools.archive",
+        description="Build a TorchServe .mar (with --config, or from an input size for your own model).",
+    )
+    parser.add_argument("--name", required=True, help="model name (also the archive's file name)")
+    parser.add_argument("--model-file", required=True, type=Path, help="Python file defining one nn.Module class")
+    parser.add_argument("--serialized-file", required=True, type=Path, help="state dict (.pt/.pth)")
+    parser.add_argument("--handler", type=Path, default=DEFAULT_HANDLER, help="handler file (default: %(default)s)")
+    parser.add_argument("--class-names", type=Path, help="JSON list of names or index_to_name map")
+    parser.add_argument("--export-path", required=True, type=Path, help="directory for NAME.mar")
+    parser.add_argument("--extra-files", nargs="+", default=[], type=Path, help="more files for the archive root")
+    parser.add_argument("--version", default="1.0", help="model version (default: %(default)s)")
+    parser.add_argument("--if-stale", action="store_true", help="do nothing when NAME.mar is newer than its sources")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", type=Path, help="an existing model-config.yaml")
+    source.add_argument("--input-size", type=int, nargs="+", metavar="PIXELS", help="height [width]: write model-config.yaml for this input size")
+    own = parser.add_argument_group("written model-config.yaml (with --input-size)")
+    own.add_argument("--mean", type=float, nargs="+", help="per-channel mean of the model's normalisation")
+    own.add_argument("--std", type=float, nargs="+", help="per-channel std of the model's normalisation")
+    own.add_argument("--top-k", type=int, default=3, help="predictions per response (default: %(default)s)")
+    own.add_argument("--batch-size", type=int, default=4, help="TorchServe batchSize (default: %(default)s)")
+    own.add_argument("--max-batch-delay", type=int, default=50, help="TorchServe maxBatchDelay in ms (default: %(default)s)")
+    own.add_argument("--workers", type=int, default=1, help="min and max workers (default: %(default)s)")
+    own.add_argument("--response-timeout", type=int, default=120, help="seconds (default: %(default)s)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return run(parser, args)
+    except (FileNotFoundError, RuntimeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
+def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    mar = args.export_path / f"{args.name}.mar"
+    sources = [args.model_file, args.serialized_file, args.handler, *args.extra_files]
+    if args.config:
+        extra_files = [*([args.class_names] if args.class_names else []), *args.extra_files]
+        if args.if_stale and not mar_is_stale(mar, [*sources, args.config, *extra_files]):
+            print(f"{mar} is up to date")
+            return 0
+        built = archive_model(
+            args.name,
+            model_file=args.model_file,
+            serialized_file=args.serialized_file,
+            handler=args.handler,
+            export_path=args.export_path,
+            config_file=args.config,
+            extra_files=extra_files,
+            version=args.version,
+        )
+    else:
+        if args.class_names is None:
+            parser.error("--input-size needs --class-names")
+        options = dict(
+            top_k=args.top_k,
+            batch_size=args.batch_size,
+            max_batch_delay_ms=args.max_batch_delay,
+            min_workers=args.workers,
+            max_workers=args.workers,
+            response_timeout_s=args.response_timeout,
+        )
+        try:
+            generated = own_model_generated_files(args.class_names, args.input_size, args.mean, args.std, **options)
+        except ValueError as error:
+            parser.error(str(error))
+        if args.if_stale and not mar_is_stale(mar, [*sources, args.class_names], generated):
+            print(f"{mar} is up to date")
+            return 0
+        built = archive_own_model(
+            args.name,
+            model_file=args.model_file,
+            serialized_file=args.serialized_file,
+            class_names=args.class_names,
+            input_size=args.input_size,
+            export_path=args.export_path,
+            mean=args.mean,
+            std=args.std,
+            handler=args.handler,
+            extra_files=args.extra_files,
+            version=args.version,
+            **options,
+        )
+    print(f"built {built}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
