@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shutil
 import signal
 import urllib.request
@@ -82,6 +83,7 @@ def browser(tmp_path_factory):
                      "--no-first-run", "--disable-extensions", "--disable-background-networking",
                      f"--user-data-dir={profile}", "--window-size=1280,1000"):
         options.add_argument(argument)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     service = Service(executable_path=CHROMEDRIVER, log_output=str(profile / "chromedriver.log"))
     driver = None
     known: dict[int, psutil.Process] = {}
@@ -126,6 +128,11 @@ def page_state(driver) -> str:
         " + ' | error: ' + document.getElementById('error').textContent")
 
 
+def console_errors(driver) -> list[str]:
+    """Script errors, CSP refusals and failed loads the page logged since the last call."""
+    return [entry["message"] for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
+
+
 def wait_for(driver, condition, what: str, timeout: float = WAIT_S):
     try:
         return WebDriverWait(driver, timeout, poll_frequency=0.1).until(lambda d: condition(d))
@@ -152,6 +159,7 @@ def screenshot(driver, path: Path, size: tuple[int, int], full_page: bool = Fals
 
 def open_viewer(driver, viewer_origin: str, torchserve, size=WIDE) -> None:
     set_viewport(driver, size)
+    console_errors(driver)  # drop what earlier tests left in the log
     query = urlencode({"inference": torchserve.inference_url, "management": torchserve.management_url})
     driver.get(f"{viewer_origin}/?{query}")
     wait_for(driver, lambda d: d.execute_script(
@@ -247,6 +255,50 @@ def test_explain_two_methods_then_another_class(browser, viewer_origin, torchser
     assert "grad_cam" in changed, "Grad-CAM's map did not change with the explained class"
     assert [b["index"] for b in prediction_bars(browser) if b["selected"]] == [other["index"]]
     assert other["label"] in browser.find_element(By.ID, "target-label").text
+    assert console_errors(browser) == []
+
+
+def test_rendering_options_and_quality_score(browser, viewer_origin, torchserve, tmp_path):
+    open_viewer(browser, viewer_origin, torchserve)
+    choose_explainers(browser, ["saliency"])
+    upload(browser, image_file(tmp_path, "cross"))
+    before = wait_for_maps(browser, 1)[0]
+    Select(browser.find_element(By.ID, "polarity")).select_by_value("both")
+    colormaps = [o.get_attribute("value") for o in Select(browser.find_element(By.ID, "colormap")).options]
+    assert colormaps == ["coolwarm", "bwr", "gray"]  # a diverging map for both signs
+    Select(browser.find_element(By.ID, "encoding")).select_by_value("png")
+    assert not browser.find_element(By.ID, "overlay-base").is_enabled()
+    browser.find_element(By.ID, "quality").click()
+    browser.find_element(By.ID, "explain-button").click()
+
+    after = wait_for_maps(browser, 1, extra=lambda ms: ms[0]["src"] != before["src"])[0]
+    caption = browser.find_element(By.CSS_SELECTOR, "#maps figure.explanation figcaption").text
+    assert re.search(r"deletion AUC 0\.\d{3}", caption), caption
+    assert after["natural"] == [64, 64]
+    assert console_errors(browser) == []
+
+
+def test_examples_paste_and_drop(browser, viewer_origin, torchserve):
+    open_viewer(browser, viewer_origin, torchserve)
+    wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#examples button[data-example='star.png']"), "examples")
+    browser.find_element(By.CSS_SELECTOR, "#examples button[data-example='star.png']").click()
+    wait_for(browser, lambda d: (prediction_bars(d) or [{}])[0].get("label") == "star", "the star's prediction")
+
+    # A real clipboard or drag needs a desktop; the same events, with a real file in them, do not.
+    for event in ("paste", "drop"):
+        browser.execute_script("""
+            const [kind, done] = arguments;
+            fetch('examples/circle.png').then((r) => r.blob()).then((blob) => {
+              const transfer = new DataTransfer();
+              transfer.items.add(new File([blob], kind + '.png', {type: 'image/png'}));
+              const event = kind === 'paste'
+                ? new ClipboardEvent('paste', {clipboardData: transfer, bubbles: true})
+                : new DragEvent('drop', {dataTransfer: transfer, bubbles: true, cancelable: true});
+              (kind === 'paste' ? document.body : document.getElementById('drop-zone')).dispatchEvent(event);
+            });""", event)
+        wait_for(browser, lambda d: d.execute_script(
+            "return document.querySelector('#maps figure.input figcaption').textContent") == f"input{event}.png"
+            and (prediction_bars(d) or [{}])[0].get("label") == "circle", f"the {event}d image's prediction")
 
 
 def test_unsupported_file_shows_the_server_message(browser, viewer_origin, torchserve, tmp_path):
