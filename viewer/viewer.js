@@ -49,6 +49,17 @@ function element(tag, props = {}, ...children) {
   return node;
 }
 
+// Method names are long snake_case words: let a narrow caption break them after an underscore.
+function breakable(name) {
+  const parts = String(name).split("_");
+  const nodes = [];
+  parts.forEach((part, i) => {
+    if (i > 0) nodes.push("_", document.createElement("wbr"));
+    nodes.push(part);
+  });
+  return nodes;
+}
+
 function trimSlash(url) { return url.trim().replace(/\/+$/, ""); }
 
 function formatScore(score) {
@@ -399,7 +410,7 @@ function inputFigure() {
 
 function mapFigure(method, entry, extraCaption = null) {
   const src = entry.encoding === "png" || entry.encoding === "overlay" ? `data:image/png;base64,${entry.data}` : null;
-  const caption = [element("strong", {}, method)];
+  const caption = [element("strong", {}, ...breakable(method))];
   if (extraCaption) caption.push(extraCaption);
   if (entry.target) caption.push(`for “${entry.target.label}”`);
   if (typeof entry.latency_ms === "number") caption.push(`${entry.latency_ms.toFixed(1)} ms on the server`);
@@ -426,7 +437,7 @@ function mapFigure(method, entry, extraCaption = null) {
 function failureFigure(method, failure) {
   return element("figure", { className: "map failed", dataset: { method } },
     element("div", { className: "failure" }, (failure && failure.message) || "failed"),
-    element("figcaption", {}, element("strong", {}, method), element("span", {}, (failure && failure.code) || "")));
+    element("figcaption", {}, element("strong", {}, ...breakable(method)), element("span", {}, (failure && failure.code) || "")));
 }
 
 // --- compare classes -------------------------------------------------------------------------
