@@ -301,6 +301,31 @@ def test_examples_paste_and_drop(browser, viewer_origin, torchserve):
             and (prediction_bars(d) or [{}])[0].get("label") == "circle", f"the {event}d image's prediction")
 
 
+def test_fields_other_work_will_add_are_shown(browser, viewer_origin, torchserve):
+    """latency_ms, rule_sites and sanity are not sent by this server yet: the page's renderer is fed a
+    reply that has them (and an explanation error), so the day they come they show up."""
+    open_viewer(browser, viewer_origin, torchserve)
+    png = base64.b64encode(shape_png("cross")).decode()
+    reply = {
+        "predictions": [{"index": 3, "label": "cross", "score": 0.9}, {"index": 4, "label": "star", "score": 0.1}],
+        "explanations": {"guided_backprop": {
+            "target": {"index": 3, "label": "cross"}, "encoding": "png", "shape": [64, 64], "data": png,
+            "scale": {"min": 0.0, "max": 0.25}, "quality": {"deletion_auc": 0.2125}, "latency_ms": 3.4,
+            "rule_sites": {"relu": 7, "max_pool": 2}, "sanity": {"randomisation_similarity": 0.64}}},
+        "explanation_errors": {"occlusion": {"code": "cost_cap_exceeded", "message": "occlusion needs 1600 evaluations"}},
+    }
+    browser.execute_script("renderResult(arguments[0], 42)", reply)
+    caption = browser.find_element(By.CSS_SELECTOR, "#maps figure.explanation figcaption").text
+    for expected in ("for “cross”", "3.4 ms on the server", "rule sites: ", "relu 7", "max_pool 2",
+                     "deletion AUC 0.212", "sanity: {\"randomisation_similarity\":0.64}"):
+        assert expected in caption, (expected, caption)
+    assert shown_maps(browser)[0]["decoded"]
+    failed = browser.find_element(By.CSS_SELECTOR, "#maps figure.failed")
+    assert "occlusion needs 1600 evaluations" in failed.text
+    assert "occlusion: occlusion needs 1600 evaluations" in browser.find_element(By.ID, "error").text
+    assert "42 ms" in browser.find_element(By.ID, "status").text
+
+
 def test_unsupported_file_shows_the_server_message(browser, viewer_origin, torchserve, tmp_path):
     open_viewer(browser, viewer_origin, torchserve)
     notes = tmp_path / "notes.txt"
