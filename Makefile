@@ -5,7 +5,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH_PIN := torch==2.13.0
 
-.PHONY: test test-fast serve model-store monitor evaluate soak bench bench-quick system-deps clean
+.PHONY: test test-fast serve view model-store monitor evaluate soak bench bench-quick system-deps clean
+
+VIEW_PORT ?= 8090
 
 # torch is installed from its pin before anything that depends on it, so no CUDA wheels are pulled.
 $(STAMP): pyproject.toml
@@ -35,6 +37,11 @@ serve: model-store
 	bash deploy/install-system-deps.sh java
 	$(PY) -m tools.serve --model-store model_store --models shapes=shapes.mar \
 	  --config deploy/torchserve/local.properties --example-image docs/examples/circle.png
+
+# The explanation viewer on 127.0.0.1:$(VIEW_PORT), to use beside `make serve`, whose config allows
+# the origin http://127.0.0.1:8090 only. Standard library only, so no venv is needed.
+view:
+	python3 -m tools.view --port $(VIEW_PORT)
 
 # Prometheus in the foreground, scraping TS_METRICS_ADDRESS (default 127.0.0.1:8082).
 monitor:

@@ -46,6 +46,12 @@ def test_production_choices():
         assert not pattern.fullmatch(url), url
 
 
+def test_no_browser_origin_is_allowed():
+    # The viewer is a local-demo tool: no web page may read production answers from a browser.
+    cors = {key: value for key, value in SETTINGS.items() if key.startswith("cors_")}
+    assert all(not value.strip() for value in cors.values()), cors
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     entries = {key: value for key, value in SETTINGS.items() if key not in MANAGED_KEYS}
@@ -69,6 +75,9 @@ def test_a_request_without_the_token_is_rejected_and_with_it_served(server):
         assert reply.json()["type"] == "InvalidKeyException"
     reply = _post(server, server.auth_headers("inference"))
     assert reply.status == 200 and reply.json()["predictions"][0]["label"] == "circle"
+    cross_origin = _post(server, {**server.auth_headers("inference"), "Origin": "http://127.0.0.1:8090"})
+    assert cross_origin.status == 200
+    assert not {key.lower() for key in cross_origin.headers} & {"access-control-allow-origin"}
 
 
 def test_model_api_is_off_and_management_needs_its_token(server):

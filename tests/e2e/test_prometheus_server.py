@@ -1,4 +1,4 @@
-"""The reusable Prometheus test server (tests/support/prometheus_server.py) starts, scrapes, answers
+"""The reusable Prometheus test server (tools/prometheus.py) starts, scrapes, answers
 queries, loads our rule file, and leaves no process or temp dir behind."""
 
 import os

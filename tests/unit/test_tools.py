@@ -1,4 +1,4 @@
-"""Fast checks of serving_tools' pure parts (no server started here)."""
+"""Fast checks of tools' pure parts (no server started here)."""
 
 from __future__ import annotations
 
