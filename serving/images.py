@@ -37,7 +37,7 @@ from explainers.errors import (
     ResourceExhaustedError,
 )
 
-__all__ = ["SUPPORTED_FORMATS", "decode_image", "to_model_input"]
+__all__ = ["SUPPORTED_FORMATS", "Preprocessor", "decode_image", "to_model_input", "unit_image"]
 
 # Pillow's JPEG opener also reads the multi-picture JPEGs (format "MPO") many cameras write.
 SUPPORTED_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
@@ -113,19 +113,49 @@ def decode_image(
             raise ImageDecodeError(message) from broken
 
 
+class Preprocessor:
+    """Resize and normalise images for one model; size and statistics are validated once, here.
+
+    Resizing is Pillow's bilinear filter, which widens its support when shrinking (antialiased),
+    as torchvision's ``Resize`` does on Pillow images. Normalisation is one fused multiply-add on
+    the 8-bit pixels, ``p · 1/(255·std) − mean/std``, equal to ``(p/255 − mean)/std`` up to float
+    rounding.
+
+    Raises:
+        InvalidOptionError: ``size``, ``mean`` or ``std`` is malformed, or a ``std`` is not > 0.
+    """
+
+    def __init__(self, *, size: tuple[int, int], mean: Sequence[float], std: Sequence[float]):
+        self.height, self.width = _validated_size(size)
+        mean_tensor = _channel_values("mean", mean)
+        std_tensor = _channel_values("std", std)
+        if not bool((std_tensor > 0).all()):
+            raise InvalidOptionError(f"'std' must be positive for every channel, got {list(std)}")
+        self._scale = 1.0 / (255.0 * std_tensor)
+        self._shift = -mean_tensor / std_tensor
+
+    def pixels(self, image: Image.Image) -> torch.Tensor:
+        """The image at the model's input size as uint8 ``[3, H, W]``.
+
+        Raises:
+            InvalidInputError: ``image`` is not an RGB ``PIL.Image.Image``.
+        """
+        if not isinstance(image, Image.Image) or image.mode != "RGB":
+            mode = image.mode if isinstance(image, Image.Image) else type(image).__name__
+            raise InvalidInputError(f"to_model_input needs an RGB PIL image, got {mode}")
+        if image.size != (self.width, self.height):  # Pillow sizes are (W, H); same size: a copy
+            image = image.resize((self.width, self.height), resample=Image.Resampling.BILINEAR)
+        return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        """float32 ``[1, 3, H, W]`` model input from uint8 ``[3, H, W]`` pixels."""
+        return torch.addcmul(self._shift, pixels.to(torch.float32), self._scale).unsqueeze(0)
+
+
 def to_model_input(
     image: Image.Image, *, size: tuple[int, int], mean: Sequence[float], std: Sequence[float]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Resize an RGB image to the model's input size and normalise it.
-
-    Resizing is Pillow's bilinear filter, which widens its support when shrinking (antialiased),
-    as torchvision's ``Resize`` does on Pillow images.
-
-    Args:
-        image: an RGB image (as returned by ``decode_image``).
-        size: ``(height, width)`` of the model's input.
-        mean: per-channel mean subtracted from the ``[0, 1]`` values.
-        std: per-channel standard deviation the result is divided by.
+    """Resize an RGB image to the model's input size and normalise it (see :class:`Preprocessor`).
 
     Returns:
         ``(model_input, resized)``: float32 ``[1, 3, H, W]`` equal to ``(resized - mean) / std``,
@@ -135,19 +165,14 @@ def to_model_input(
         InvalidInputError: ``image`` is not an RGB ``PIL.Image.Image``.
         InvalidOptionError: ``size``, ``mean`` or ``std`` is malformed, or a ``std`` is not > 0.
     """
-    if not isinstance(image, Image.Image) or image.mode != "RGB":
-        mode = image.mode if isinstance(image, Image.Image) else type(image).__name__
-        raise InvalidInputError(f"to_model_input needs an RGB PIL image, got {mode}")
-    height, width = _validated_size(size)
-    mean_tensor = _channel_values("mean", mean)
-    std_tensor = _channel_values("std", std)
-    if not bool((std_tensor > 0).all()):
-        raise InvalidOptionError(f"'std' must be positive for every channel, got {list(std)}")
+    preprocessor = Preprocessor(size=size, mean=mean, std=std)
+    pixels = preprocessor.pixels(image)
+    return preprocessor.normalise(pixels), unit_image(pixels)
 
-    resized = image.resize((width, height), resample=Image.Resampling.BILINEAR)  # Pillow sizes are (W, H)
-    unit = torch.from_numpy(np.array(resized, dtype=np.uint8)).permute(2, 0, 1).to(torch.float32) / 255.0
-    model_input = ((unit - mean_tensor) / std_tensor).unsqueeze(0)
-    return model_input, unit.contiguous()
+
+def unit_image(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[3, H, W]`` pixels as float32 in ``[0, 1]``."""
+    return pixels.to(torch.float32) / 255.0
 
 
 def _require_acceptable_size(size: tuple[int, int], max_pixels: int) -> None:
@@ -234,22 +259,8 @@ def _validated_size(size: object) -> tuple[int, int]:
     return int(size[0]), int(size[1])
 
 
-# Per-request validation of the same configured mean/std cost more than the normalisation itself.
-_channel_cache: dict[tuple, torch.Tensor] = {}
-
-
 def _channel_values(name: str, values: Sequence[float]) -> torch.Tensor:
-    try:
-        key = (name, *values)
-        cached = _channel_cache.get(key)
-    except TypeError:  # unhashable entries: validated below, not cached
-        key = cached = None
-    if cached is not None:
-        return cached
-    tensor = _checked_channel_values(name, values)
-    if key is not None and len(_channel_cache) < 64:
-        _channel_cache[key] = tensor
-    return tensor
+    return _checked_channel_values(name, values)
 
 
 def _checked_channel_values(name: str, values: Sequence[float]) -> torch.Tensor:

@@ -30,7 +30,7 @@ from explainers.run import ExplanationRun
 from explainers.validation import model_device
 
 from .caps import check_cost
-from .images import decode_image, to_model_input
+from .images import Preprocessor, decode_image, unit_image
 from .metrics import Metrics
 from .rendering.encode import JSON_MAX_CELLS, encode_attribution
 from .rendering.options import RenderOptions
@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 class _Prepared:
     request: ExplainRequest
     model_input: torch.Tensor  # [1, 3, H, W], normalised
-    display_image: torch.Tensor  # [3, H, W] in [0, 1], for overlays
+    pixels: torch.Tensor  # uint8 [3, H, W] at the model's input size, for overlays
     render: RenderOptions | None  # None for a predict-only request
 
 
@@ -57,6 +57,7 @@ class ExplanationService:
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.device = model_device(model)
+        self.preprocessor = Preprocessor(size=settings.input_size, mean=settings.mean, std=settings.std)
         RenderOptions.from_mapping(settings.render, None)  # a bad render default fails the load
 
     # --- the batch ------------------------------------------------------------------------
@@ -100,8 +101,9 @@ class ExplanationService:
             render = self._render_options(request) if request.explainers or request.render_overrides else None
             image = decode_image(request.image_bytes, max_pixels=settings.caps.max_image_pixels)
         with self.metrics.stage("preprocess"):
-            model_input, display = to_model_input(image, size=settings.input_size, mean=settings.mean, std=settings.std)
-        return _Prepared(request, model_input, display, render)
+            pixels = self.preprocessor.pixels(image)
+            model_input = self.preprocessor.normalise(pixels)
+        return _Prepared(request, model_input, pixels, render)
 
     def _check_explainers(self, request: ExplainRequest) -> None:
         caps, allowed = self.settings.caps, self.settings.allowed
@@ -159,20 +161,22 @@ class ExplanationService:
 
     # --- prediction and explanation --------------------------------------------------------
 
-    def _predictions(self, logits: torch.Tensor, top_k: int) -> list[dict]:
-        probabilities = torch.softmax(logits.float(), dim=-1)
-        scores, indices = probabilities.topk(top_k)
-        return [{"index": int(i), "label": self.settings.class_names[int(i)], "score": round(float(s), 6)}
-                for s, i in zip(scores.tolist(), indices.tolist())]
+    def _predictions(self, logits: torch.Tensor, top_ks: Sequence[int]) -> list[list[dict]]:
+        """Each row's ``top_k`` classes with probabilities: one softmax and one top-k for the batch."""
+        scores, indices = torch.softmax(logits.float(), dim=-1).topk(max(top_ks), dim=-1)
+        names = self.settings.class_names
+        return [[{"index": i, "label": names[i], "score": round(s, 6)} for s, i in zip(row_scores[:k], row_indices[:k])]
+                for row_scores, row_indices, k in zip(scores.tolist(), indices.tolist(), top_ks)]
 
     def _predict(self, items: list[_Prepared]) -> list[Reply]:
         try:
+            inputs = items[0].model_input if len(items) == 1 else torch.cat([item.model_input for item in items])
             with self.metrics.stage("inference"), torch.inference_mode():
-                logits = self.model(torch.cat([item.model_input for item in items]).to(self.device)).cpu()
+                logits = self.model(inputs.to(self.device)).cpu()
         except Exception as error:
             return [self._error_reply(error, "predict") for _ in items]
-        return [Reply(200, {"predictions": self._predictions(row, item.request.top_k)}, "predict")
-                for row, item in zip(logits, items)]
+        predictions = self._predictions(logits, [item.request.top_k for item in items])
+        return [Reply(200, {"predictions": rows}, "predict") for rows in predictions]
 
     def _explain(self, item: _Prepared) -> Reply:
         request, route = item.request, item.request.route
@@ -198,13 +202,14 @@ class ExplanationService:
                         self.metrics.explanation(explainer.name, ok=False)
         except Exception as error:
             return self._error_reply(error, route)
-        body = {"predictions": self._predictions(logits, request.top_k), "explanations": explanations}
+        body = {"predictions": self._predictions(logits[None], [request.top_k])[0], "explanations": explanations}
         if errors:
             body["explanation_errors"] = errors
         return Reply(200, body, route)
 
     def _explain_with(self, run: ExplanationRun, explainer: Explainer, targets: list[int], item: _Prepared):
         entries = []
+        image = unit_image(item.pixels) if item.render.encoding == "overlay" else None
         steps = item.request.quality_steps
         for target in targets:
             # A quality score is part of what the explanation costs, so it is timed with it.
@@ -212,7 +217,7 @@ class ExplanationService:
                 explanation = run.explain(explainer, torch.tensor([target], device=run.logits.device))
                 quality = self._quality(run, explanation.attributions, target, steps) if steps else None
             with self.metrics.stage("encode"):
-                entry = encode_attribution(explanation.attributions[0].cpu(), options=item.render, image=item.display_image)
+                entry = encode_attribution(explanation.attributions[0].cpu(), options=item.render, image=image)
             entry = {"target": {"index": target, "label": self.settings.class_names[target]}, **entry}
             if quality is not None:
                 entry["quality"] = quality
