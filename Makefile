@@ -3,13 +3,14 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-TORCH_PIN := torch==2.13.0
+# A released pair: torchvision and timm models run with it. The wheels carry CUDA libraries and run on CPU.
+TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 
 .PHONY: test test-fast serve view model-store monitor evaluate soak bench bench-quick system-deps clean
 
 VIEW_PORT ?= 8090
 
-# torch is installed from its pin before anything that depends on it, so no CUDA wheels are pulled.
+# torch is installed from its pin before anything that depends on it, so nothing pulls another torch.
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip

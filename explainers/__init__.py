@@ -15,6 +15,7 @@ from .errors import (
     UnknownExplainerError,
 )
 from .explanation import Explanation
+from .outputs import logits_of
 from .registry import available, create, register
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "UnknownExplainerError",
     "available",
     "create",
+    "logits_of",
     "predict_and_explain",
     "register",
 ]

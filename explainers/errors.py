@@ -105,10 +105,11 @@ class PayloadTooLargeError(CostCapExceededError):
 
 
 class UnsupportedModelError(PluginError, TypeError):
-    """The model cannot be explained by this method (e.g. no convolutional layer for Grad-CAM)."""
+    """The model cannot be explained by this method (no activation for a rule, no feature map for
+    Grad-CAM, no logits in its output): the request is well formed, the model cannot serve it."""
 
     code = "unsupported_model"
-    http_status = 500
+    http_status = 422
 
 
 class ExplanationFailedError(PluginError, RuntimeError):
