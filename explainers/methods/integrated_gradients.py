@@ -104,7 +104,9 @@ class IntegratedGradientsExplainer(Explainer):
             if channels_last:
                 points = points.contiguous(memory_format=torch.channels_last)
             points.requires_grad_(True)
-            logits = rest(points)
+            # A copy, not the leaf: the model's own in-place op may come first (the ReLU6 of
+            # mobilenet_v2 right after the affine prefix), and autograd forbids one on a leaf.
+            logits = rest(points.clone())
             score = logits.gather(1, targets.repeat(len(chunk_alphas)).view(-1, 1)).sum()
             (gradient,) = torch.autograd.grad(score, points)
             del logits, score, points  # this chunk's graph goes before the next one is built

@@ -85,7 +85,8 @@ class OneActivationNet(nn.Module):
         self.fc = nn.Linear(6 * 4, classes)
 
     def head(self, x):
-        return self.conv1(x) * 2.0
+        # The activation right after an affine prefix: integrated gradients splits there.
+        return self.conv1(x)
 
     def tail(self, x):
         x = _gated_tail(self.conv2(x))
@@ -140,5 +141,5 @@ def seeded_net(model: nn.Module, seed: int = 0) -> nn.Module:
             if id(parameter) in slopes:
                 continue   # PReLU slopes keep their chosen values
             fan_in = parameter[0].numel() if parameter.dim() > 1 else 1
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) / fan_in ** 0.5)
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 2.0 / fan_in ** 0.5)
     return model.eval()

@@ -1,0 +1,41 @@
+"""Every torchvision classification model, random weights: every method runs, returns finite maps
+of the right shape, leaves the model as it was, and applies its rule at every activation site;
+on a representative set, guided backprop and DeconvNet equal the explicit-rule reference."""
+
+from __future__ import annotations
+
+import pytest
+
+from support.battery import reference_problems, smoke_problems
+from support.zoo import build_torchvision
+
+torchvision = pytest.importorskip("torchvision", reason="torchvision is in the test extra; without it there are no models to test")
+
+ALL_MODELS = torchvision.models.list_models(module=torchvision.models)
+
+# One of each family the issue names, and each way of writing activations torchvision uses
+# (in-place ReLU modules, Conv2dNormActivation, squeeze-excitation gates, GELU in attention).
+REPRESENTATIVE = ("vit_b_16", "swin_t", "swin_v2_t", "maxvit_t", "convnext_tiny", "efficientnet_b0",
+                  "efficientnet_v2_s", "mobilenet_v2", "mobilenet_v3_small", "regnet_y_400mf", "densenet121",
+                  "inception_v3", "googlenet", "resnet18", "shufflenet_v2_x0_5", "squeezenet1_1", "mnasnet0_5",
+                  "alexnet", "vgg11_bn")
+
+
+@pytest.fixture(scope="module", params=ALL_MODELS)
+def built(request):
+    model, size = build_torchvision(request.param)
+    yield request.param, model, size
+    del model
+
+
+def test_every_method_runs_and_leaves_the_model_alone(built):
+    name, model, size = built
+    problems = smoke_problems(name, model, size)
+    assert not problems, f"{name}:\n  " + "\n  ".join(problems)
+
+
+@pytest.mark.parametrize("name", REPRESENTATIVE)
+def test_rules_equal_the_explicit_rule_reference(name):
+    model, size = build_torchvision(name)
+    problems = reference_problems(name, model, size)
+    assert not problems, f"{name}:\n  " + "\n  ".join(problems)
