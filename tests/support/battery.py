@@ -80,12 +80,17 @@ def explain_every_method(model, inputs, methods_options: dict) -> tuple[dict, di
     return explanations, errors
 
 
-def smoke_problems(name: str, model, size: int, batch: int = 1) -> list[str]:
-    """Every method on ``model``: what went wrong, as readable lines (empty when all is well)."""
+def smoke_problems(name: str, model, size: int, batch: int = 1, path_methods: bool = True) -> list[str]:
+    """Every method on ``model``: what went wrong, as readable lines (empty when all is well).
+
+    ``path_methods=False`` leaves out integrated gradients, SmoothGrad and occlusion, which use
+    the model as a black box (forward and plain gradient only): the battery runs them on each
+    family's smaller members and spares the largest ones their extra passes.
+    """
     inputs = noise_inputs(size, batch)
     fingerprint = ModelFingerprint(model)
     expected_sites = reference_sites(model, inputs)
-    explanations, errors = explain_every_method(model, inputs, other_methods_options(size))
+    explanations, errors = explain_every_method(model, inputs, other_methods_options(size) if path_methods else {})
     problems = [f"{method} failed: {error}" for method, error in errors.items()]
     problems += [f"model changed: {line}" for line in fingerprint.differences(model)]
 
@@ -109,7 +114,7 @@ def smoke_problems(name: str, model, size: int, batch: int = 1) -> list[str]:
     TABLE.setdefault(name, {}).update({
         "size": size,
         "methods": {method: ("ok" if method in explanations else errors.get(method, "missing"))
-                    for method in (*SHARED_FORWARD_METHODS, *other_methods_options(size))},
+                    for method in (*SHARED_FORWARD_METHODS, *(other_methods_options(size) if path_methods else ()))},
         "reference_sites": expected_sites,
         "rule_sites": dict(explanations["guided_backprop"].rule_sites) if "guided_backprop" in explanations else None,
     })

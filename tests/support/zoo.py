@@ -6,7 +6,7 @@ weight is drawn twice, by the layer and again by the builder, much of it from no
 truncated-normal draws). The builders' random initialisers are therefore recorded, not run, and
 each recorded tensor is drawn once afterwards from a seeded uniform distribution with the mean and
 standard deviation the builder asked for. Constants (ones, zeros, layer scales, fixed buffers) are
-the builder's own. Batch norms are then calibrated on noise: their running statistics are the
+the builder's own, except scales initialised at zero (see :func:`revive_dormant_scales`). Batch norms are then calibrated on noise: their running statistics are the
 statistics of a few noise batches, so every normalised layer sees unit-scale signals in eval mode.
 """
 
@@ -38,9 +38,9 @@ def input_size_for(name: str) -> int:
     return 32
 
 
-def torchvision_kwargs(name: str) -> dict:
+def torchvision_kwargs(name: str, size: int) -> dict:
     if name.startswith("vit_"):
-        return {"image_size": input_size_for(name)}
+        return {"image_size": size}
     if name in ("googlenet", "inception_v3"):
         # init_weights=False: their scipy truncated-normal init is the slow path the builders warn about.
         return {"init_weights": False}
@@ -126,6 +126,20 @@ def draw(requests: dict, seed: int) -> None:
                 flat.clamp_(low, high)
 
 
+def revive_dormant_scales(model: nn.Module) -> nn.Module:
+    """Scales initialised at (or next to) zero set to one: layer scales of 1e-6 (ConvNeXt, CaiT),
+    zero-initialised last batch-norm weights of residual branches (timm ResNets), skip-init gains
+    (NFNets). At zero a branch passes almost nothing, so a test could not tell a rule at its
+    activations from the plain gradient."""
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("bias") or not parameter.is_floating_point() or parameter.numel() == 0:
+                continue
+            if parameter.abs().max() < 1e-4:
+                parameter.fill_(1.0)
+    return model
+
+
 def seed_of(name: str) -> int:
     return zlib.crc32(name.encode())
 
@@ -155,17 +169,21 @@ def calibrate_batchnorm(model: nn.Module, input_size: int, seed: int) -> nn.Modu
     return model.eval()
 
 
-def build_torchvision(name: str) -> tuple[nn.Module, int]:
-    """``(model in eval mode, input side)`` for a torchvision classification model, random weights."""
+def build_torchvision(name: str, size: int | None = None) -> tuple[nn.Module, int]:
+    """``(model in eval mode, input side)`` for a torchvision classification model, random weights.
+
+    ``size``: the input side (default the smallest the architecture takes); vision transformers
+    are built for it.
+    """
     import torchvision
 
-    size = input_size_for(name)
+    size = size or input_size_for(name)
     seed = seed_of(name)
     torch.manual_seed(seed)   # the few weights builders draw with tensor methods
     with recorded_random_init() as requests:
-        model = torchvision.models.get_model(name, weights=None, **torchvision_kwargs(name))
+        model = torchvision.models.get_model(name, weights=None, **torchvision_kwargs(name, size))
     draw(requests, seed)
-    return calibrate_batchnorm(model, size, seed), size
+    return calibrate_batchnorm(revive_dormant_scales(model), size, seed), size
 
 
 def build_timm(name: str, size: int, **kwargs) -> nn.Module:
@@ -177,7 +195,7 @@ def build_timm(name: str, size: int, **kwargs) -> nn.Module:
     with recorded_random_init() as requests:
         model = timm.create_model(name, pretrained=False, **kwargs)
     draw(requests, seed)
-    return calibrate_batchnorm(model, size, seed)
+    return calibrate_batchnorm(revive_dormant_scales(model), size, seed)
 
 
 _SAMPLED_ABOVE = 2**16

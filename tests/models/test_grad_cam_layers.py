@@ -1,0 +1,126 @@
+"""Grad-CAM and Guided Grad-CAM at named layers of real architectures (containers, residual
+blocks, activations, a vision transformer's token sequence, a Swin channels-last map), each
+against a hand computation: the layer's output captured by a forward hook on the model's own
+forward, its gradient by autograd, weights the spatial mean of the gradient, ReLU of the weighted
+sum, bilinear upsampling to the input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import explainers
+from support.battery import REFERENCE_RTOL, noise_inputs, relative_difference
+from support.reference_rules import explicit_rule_attribution
+from support.zoo import ModelFingerprint, build_torchvision
+
+pytest.importorskip("torchvision", reason="torchvision is in the test extra; without it there are no models to test")
+
+
+def _as_nchw(activation: torch.Tensor, layout: str, prefix_tokens: int = 0) -> torch.Tensor:
+    if layout == "nchw":
+        return activation
+    if layout == "nhwc":
+        return activation.permute(0, 3, 1, 2)
+    tokens = activation[:, prefix_tokens:]                       # [B, h*w, D]
+    side = int(round(tokens.shape[1] ** 0.5))
+    return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], side, side)
+
+
+def hand_grad_cam(model, inputs, targets, layer: str, layout: str = "nchw", prefix_tokens: int = 0):
+    """Grad-CAM written out: the layer's output at its last call in the model's own forward."""
+    module = dict(model.named_modules())[layer]
+    captured = []
+    handle = module.register_forward_hook(lambda _module, _args, output: captured.append(output))
+    try:
+        with torch.enable_grad():
+            logits = explainers.logits_of(model(inputs.clone()))
+            activation = captured[-1]
+            (gradient,) = torch.autograd.grad(logits[torch.arange(len(targets)), targets].sum(), activation)
+    finally:
+        handle.remove()
+    activation = _as_nchw(activation.detach(), layout, prefix_tokens)
+    gradient = _as_nchw(gradient, layout, prefix_tokens)
+    weights = gradient.mean(dim=(2, 3), keepdim=True)
+    cam = torch.relu((weights * activation).sum(dim=1, keepdim=True))
+    return F.interpolate(cam, size=inputs.shape[-2:], mode="bilinear", align_corners=False), cam.shape[-2:]
+
+
+@pytest.fixture(scope="module")
+def resnet18():
+    return build_torchvision("resnet18", 96)[0]
+
+
+@pytest.fixture(scope="module")
+def mobilenet_v2():
+    return build_torchvision("mobilenet_v2", 96)[0]
+
+
+@pytest.fixture(scope="module")
+def vit_b_16():
+    return build_torchvision("vit_b_16", 64)[0]   # a 4x4 grid of patches and a class token
+
+
+@pytest.fixture(scope="module")
+def swin_t():
+    return build_torchvision("swin_t", 64)[0]
+
+
+CASES = [
+    ("resnet18", "layer4", "nchw", 0),            # a container (nn.Sequential)
+    ("resnet18", "layer4.1", "nchw", 0),          # a residual block
+    ("resnet18", "layer3.1.relu", "nchw", 0),     # an in-place nn.ReLU called twice per block: its last call
+    ("resnet18", "layer3.0.conv2", "nchw", 0),    # a convolution whose batch norm and residual add follow
+    ("mobilenet_v2", "features.8", "nchw", 0),    # an inverted residual block
+    ("mobilenet_v2", "features.18", "nchw", 0),   # the last Conv2dNormActivation (in-place ReLU6)
+    ("vit_b_16", "encoder.layers.encoder_layer_11.ln_1", "tokens", 1),  # tokens, class token dropped
+    ("vit_b_16", "encoder.layers.encoder_layer_10", "tokens", 1),
+    ("swin_t", "features.5", "nhwc", 0),          # a Swin stage: channels-last [B, H, W, C]
+]
+
+
+@pytest.mark.parametrize(("model_name", "layer", "layout", "prefix_tokens"), CASES,
+                         ids=[f"{case[0]}-{case[1]}" for case in CASES])
+def test_grad_cam_at_a_named_layer_equals_the_hand_computation(request, model_name, layer, layout, prefix_tokens):
+    model = request.getfixturevalue(model_name)
+    size = 64 if model_name in ("vit_b_16", "swin_t") else 96
+    inputs = noise_inputs(size, batch=2, seed=3)
+    with torch.no_grad():
+        logits = explainers.logits_of(model(inputs))
+    targets = torch.stack([logits[0].argmax(), logits[1].argmin()])
+    fingerprint = ModelFingerprint(model)
+    _, explanations = explainers.predict_and_explain(
+        model, inputs, ["grad_cam", "guided_grad_cam"], target=targets,
+        grad_cam={"layer": layer}, guided_grad_cam={"layer": layer})
+    assert not fingerprint.differences(model)
+
+    expected, grid = hand_grad_cam(model, inputs, targets, layer, layout, prefix_tokens)
+    assert grid[0] > 1 and grid[1] > 1, "a 1x1 map would make this comparison vacuous"
+    assert expected.abs().max() > 0, "the hand Grad-CAM is empty: pick inputs or a layer with a signal"
+    cam = explanations["grad_cam"]
+    assert cam.layer == layer
+    assert relative_difference(cam.attributions, expected) <= REFERENCE_RTOL
+
+    guided, _ = explicit_rule_attribution(model, inputs, targets, "guided_backprop", copy_model=False)
+    assert relative_difference(explanations["guided_grad_cam"].attributions, guided * expected) <= REFERENCE_RTOL
+
+
+def test_default_layer_of_a_residual_network_is_its_last_feature_map(resnet18):
+    inputs = noise_inputs(96, batch=1, seed=5)
+    _, explanations = explainers.predict_and_explain(resnet18, inputs, ["grad_cam"])
+    expected, _ = hand_grad_cam(resnet18, inputs, explanations["grad_cam"].target, "layer4")
+    assert relative_difference(explanations["grad_cam"].attributions, expected) <= REFERENCE_RTOL
+
+
+def test_default_layer_of_a_vision_transformer_is_not_the_patch_embedding(vit_b_16):
+    _, explanations = explainers.predict_and_explain(vit_b_16, noise_inputs(64), ["grad_cam"])
+    cam = explanations["grad_cam"]
+    assert cam.layer is not None and cam.layer != "conv_proj"
+    assert cam.attributions.abs().max() > 0
+
+
+def test_a_layer_that_does_not_feed_the_output_is_a_typed_error():
+    googlenet, size = build_torchvision("googlenet")
+    with pytest.raises(explainers.PluginError):   # the auxiliary head does not run in eval mode
+        explainers.predict_and_explain(googlenet, noise_inputs(size), ["grad_cam"], grad_cam={"layer": "aux1"})
