@@ -4,6 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH_PIN := torch==2.13.0
+# The runtime image's name; deploy/kubernetes and deploy/kserve reference the same tag (tests check it).
+IMAGE := localhost/torchserve-xai:0.1.0
 
 .PHONY: test serve model-store monitor evaluate soak bench bench-quick system-deps clean
 
