@@ -179,6 +179,15 @@ class EmulatedPod:
             self._log.close()
             self._log = None
 
+    def signal(self, signal_number: int) -> None:
+        """Signal the whole process group, as the image's init (tini -g) passes the kubelet's
+        SIGTERM on, or as a dying node takes every process of the pod (SIGKILL)."""
+        if self._process is not None:
+            try:
+                os.killpg(self._process.pid, signal_number)
+            except ProcessLookupError:
+                pass
+
     def log_tail(self, lines: int = 60) -> str:
         parts = []
         for path in [self.log_path, *sorted(self.paths["/home/model-server"].rglob("*.log"))]:
