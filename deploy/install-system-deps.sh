@@ -1,18 +1,27 @@
 #!/usr/bin/env bash
-# Installs the system packages the project needs, only those missing: `java` (TorchServe's frontend)
-# and/or `prometheus` (Prometheus and promtool, for the monitoring tests and `make monitor`);
-# `wrk` (the HTTP load generator of the end-to-end benchmarks) only when named.
-# Usage: install-system-deps.sh [java] [prometheus] [wrk]   (no argument: java and prometheus)
+# Installs the system packages the project needs, only those missing: `java` (TorchServe's frontend),
+# `prometheus` (Prometheus and promtool, for the monitoring tests and `make monitor`) and `haproxy`
+# (the load balancer of the replica test); only when named: `wrk` (the HTTP load generator of the
+# end-to-end benchmarks) and `image` (buildah, podman, runc and debootstrap for `make image`).
+# kubectl (its kustomize renders deploy/) is not a Debian package: the tests that need it skip
+# without it.
+# Usage: install-system-deps.sh [java] [prometheus] [haproxy] [wrk] [image]
+#        (no argument: java, prometheus and haproxy)
 set -euo pipefail
 wanted=("$@")
-[ ${#wanted[@]} -eq 0 ] && wanted=(java prometheus)
+[ ${#wanted[@]} -eq 0 ] && wanted=(java prometheus haproxy)
 missing=()
 for component in "${wanted[@]}"; do
   case "$component" in
     java) command -v java >/dev/null 2>&1 || missing+=(openjdk-17-jre-headless) ;;
     prometheus) { command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; } || missing+=(prometheus) ;;
+    haproxy) { command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ]; } || missing+=(haproxy) ;;
     wrk) command -v wrk >/dev/null 2>&1 || missing+=(wrk) ;;
-    *) echo "error: unknown component '$component' (java, prometheus, wrk)" >&2; exit 2 ;;
+    image)
+      for tool in buildah podman runc debootstrap; do
+        { command -v "$tool" >/dev/null 2>&1 || [ -x "/usr/sbin/$tool" ]; } || missing+=("$tool")
+      done ;;
+    *) echo "error: unknown component '$component' (java, prometheus, haproxy, wrk, image)" >&2; exit 2 ;;
   esac
 done
 [ ${#missing[@]} -eq 0 ] && exit 0
