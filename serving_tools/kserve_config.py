@@ -23,6 +23,7 @@ Why it is generated and not hand-written:
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from collections.abc import Mapping, Sequence
@@ -33,7 +34,8 @@ from typing import Any
 import yaml
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-METRICS_YAML = PROJECT_ROOT / "deploy" / "torchserve" / "metrics.yaml"
+# The package's copy of deploy/torchserve/metrics.yaml, so the generator works from the wheel too.
+METRICS_YAML = Path(importlib.import_module("handlers").__path__[0]) / "torchserve_metrics.yaml"
 CONFIG_NAME = "config.properties"
 METRICS_NAME = "metrics.yaml"
 

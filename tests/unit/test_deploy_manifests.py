@@ -95,6 +95,10 @@ def test_generated_configs_are_up_to_date(target, directory):
         f"--model-name shapes --target {target} --out {directory.relative_to(m.REPO_ROOT)}")
 
 
+def test_the_packaged_metrics_config_is_the_deployed_one():
+    assert kserve_config.METRICS_YAML.read_bytes() == (m.DEPLOY / "torchserve" / "metrics.yaml").read_bytes()
+
+
 def test_kserve_config_takes_the_envelope_from_the_pod_with_batch_size_one():
     config = m.properties(KSERVE_CONFIG)
     assert config["enable_envvars_config"] == "true"
