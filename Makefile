@@ -7,7 +7,7 @@ TORCH_PIN := torch==2.13.0
 # The runtime image's name; deploy/kubernetes and deploy/kserve reference the same tag (tests check it).
 IMAGE := localhost/torchserve-xai:0.1.0
 
-.PHONY: test serve model-store monitor evaluate soak bench bench-quick system-deps clean
+.PHONY: image test serve model-store monitor evaluate soak bench bench-quick system-deps clean
 
 # torch is installed from its pin before anything that depends on it, so no CUDA wheels are pulled.
 $(STAMP): pyproject.toml
@@ -56,6 +56,12 @@ bench: $(STAMP)
 bench-quick: $(STAMP)
 	bash deploy/install-system-deps.sh java wrk
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m benchmarks.run --quick
+
+# The runtime image (deploy/container/Containerfile) with podman/buildah; ROOTFS=DIR builds on a
+# debootstrap root filesystem instead of pulling BASE (see deploy/container/build-image.sh).
+image: $(STAMP)
+	bash deploy/install-system-deps.sh image
+	IMAGE=$(IMAGE) PY=$(PY) bash deploy/container/build-image.sh $(if $(ROOTFS),--rootfs $(ROOTFS))
 
 clean:
 	rm -rf $(VENV) model_store/*.mar run
