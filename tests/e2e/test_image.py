@@ -50,6 +50,8 @@ def test_image_builds_and_serves_from_the_container(tmp_path):
     environment = {**os.environ, "IMAGE": tag, "PY": str(REPO_ROOT / ".venv" / "bin" / "python")}
     if Path("/opt/wheels").is_dir():  # this project's machines keep the torch wheel there
         environment.update(PIP_FIND_LINKS="/opt/wheels", TORCH_INDEX="")
+    if os.environ.get("PIP_CERT"):  # a TLS-inspecting proxy's CA, as this project's machines have
+        environment["PIP_CERT"] = os.environ["PIP_CERT"]
     store = build_store(tmp_path / "store")
     store.chmod(0o755)
     started = time.monotonic()
@@ -61,7 +63,7 @@ def test_image_builds_and_serves_from_the_container(tmp_path):
         size = int(subprocess.run([*PODMAN, "image", "inspect", "--format", "{{.Size}}", tag],
                                   capture_output=True, text=True, check=True).stdout)
         inference, metrics = free_ports(2)
-        subprocess.run([*PODMAN, "run", "-d", "--name", name, "--ulimit", "nofile=4096:4096",
+        subprocess.run([*PODMAN, "run", "-d", "--name", name, "--ulimit", "nofile=4096:4096", "--ulimit", "nproc=4096:4096",
                         "-p", f"127.0.0.1:{inference}:8080", "-p", f"127.0.0.1:{metrics}:8082",
                         "-v", f"{store}:/mnt/models/model-store:ro", "-e", "TS_SERVICE_ENVELOPE=kserve", tag],
                        check=True, capture_output=True, text=True)
