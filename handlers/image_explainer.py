@@ -8,12 +8,13 @@ the request service's requests, and sets each reply's status. All logic lives in
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
 from ts.metrics.metric_type_enum import MetricTypes
 
-from handlers.envelopes import reply_bodies_for, requests_from_instances
+from handlers.envelopes import ENVELOPES, reply_bodies_for, requests_from_instances
 from handlers.model_loading import load_eager_model
 from handlers.torchserve_metrics import TorchServeRecorder
 from serving.metrics import Metrics
@@ -25,6 +26,23 @@ from serving.settings import ServingSettings
 logger = logging.getLogger(__name__)
 
 
+# KServe's runtime sets this from the InferenceService's protocol, and TorchServe applies it as
+# service_envelope when the server runs with enable_envvars_config=true (as the cluster config does).
+ENVELOPE_VARIABLE = "TS_SERVICE_ENVELOPE"
+
+
+def envelope_in_effect(configured: str | None, environment=os.environ) -> str | None:
+    """The model config's envelope, else the one the environment gives TorchServe.
+
+    One archive then serves both KServe protocols: the same .mar is behind a v1 and a v2
+    InferenceService, and only the pod's environment says which envelope wraps the requests.
+    """
+    if configured:
+        return configured
+    value = environment.get(ENVELOPE_VARIABLE, "").strip()
+    return value if value in ENVELOPES else None
+
+
 def _is_explain_request(headers: dict) -> bool:
     # TorchServe marks requests to /explanations (and KServe :explain) with the header explain=True.
     return str(headers.get("explain", "")).lower() == "true"
@@ -33,6 +51,7 @@ def _is_explain_request(headers: dict) -> bool:
 class ImageExplainerHandler:
     def __init__(self):
         self.service: ExplanationService | None = None
+        self.envelope: str | None = None
         self.initialized = False
 
     def initialize(self, context) -> None:
@@ -45,8 +64,9 @@ class ImageExplainerHandler:
         settings = ServingSettings.from_mapping((context.model_yaml_config or {}).get("handler", {}), model_dir)
         recorder = TorchServeRecorder(context.metrics, context.model_name, MetricTypes.COUNTER, MetricTypes.HISTOGRAM)
         self.service = ExplanationService(model, settings, Metrics(recorder))
+        self.envelope = envelope_in_effect(settings.envelope)
         self.initialized = True
-        logger.info("model %s loaded on %s", context.model_name, device)
+        logger.info("model %s loaded on %s (envelope: %s)", context.model_name, device, self.envelope or "none")
 
     def handle(self, data, context):
         try:
@@ -61,7 +81,7 @@ class ImageExplainerHandler:
             return [reply.body for _ in data or []]
 
     def _handle(self, data, context):
-        envelope = self.service.settings.envelope
+        envelope = self.envelope
         if envelope:
             return self._handle_instances(envelope, data, context)
         requests = []

@@ -21,8 +21,10 @@ builds of the same name sharing a temp dir would corrupt each other: each build 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -36,6 +38,10 @@ import yaml
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_HANDLER = PROJECT_ROOT / "handlers" / "image_explainer.py"
 MODEL_CONFIG_NAME = "model-config.yaml"
+# What a handler needs of this project at run time; --bundle-plugin copies these packages into the
+# archive for servers where the plugin cannot be installed (torch, captum, Pillow, numpy and
+# pyyaml must still be there: they come with TorchServe's own environment or the image).
+PLUGIN_PACKAGES = ("explainers", "serving", "handlers")
 CLASS_NAMES_NAME = "class_names.json"
 
 
@@ -121,12 +127,24 @@ def archive_model(
     config_file: Path | str | None = None,
     extra_files: Iterable[Path | str] = (),
     version: str = "1.0",
+    bundle_plugin: bool = False,
 ) -> Path:
     """Run torch-model-archiver (--force) and return the .mar path.
 
     Every file lands at the archive root under its base name (a directory in extra_files
     contributes its contents), which is where the handler finds them at runtime.
+    bundle_plugin: also put the plugin's packages (PLUGIN_PACKAGES, from wherever they are
+    imported now, the installed wheel or this checkout) at the archive root, which TorchServe puts
+    on the worker's sys.path: the archive then serves where the plugin is not installed.
     """
+    if bundle_plugin:
+        with tempfile.TemporaryDirectory(prefix="plugin-bundle-") as bundle:
+            for package in PLUGIN_PACKAGES:
+                source = Path(importlib.import_module(package).__path__[0])
+                shutil.copytree(source, Path(bundle) / package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            return archive_model(name, model_file=model_file, serialized_file=serialized_file, handler=handler,
+                                 export_path=export_path, config_file=config_file,
+                                 extra_files=[*extra_files, bundle], version=version)
     sources = [Path(model_file), Path(serialized_file), Path(handler)]
     sources += [Path(config_file)] if config_file else []
     extras = [Path(path) for path in extra_files]
@@ -169,6 +187,7 @@ def archive_own_model(
     handler: Path | str = DEFAULT_HANDLER,
     extra_files: Iterable[Path | str] = (),
     version: str = "1.0",
+    bundle_plugin: bool = False,
     **config_options: Any,
 ) -> Path:
     """Bring your own model: write model-config.yaml and class_names.json, then archive.
@@ -191,6 +210,7 @@ def archive_own_model(
             config_file=Path(staging) / MODEL_CONFIG_NAME,
             extra_files=[Path(staging) / CLASS_NAMES_NAME, *extra_files],
             version=version,
+            bundle_plugin=bundle_plugin,
         )
 
 
@@ -262,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--extra-files", nargs="+", default=[], type=Path, help="more files for the archive root")
     parser.add_argument("--version", default="1.0", help="model version (default: %(default)s)")
     parser.add_argument("--if-stale", action="store_true", help="do nothing when NAME.mar is newer than its sources")
+    parser.add_argument("--bundle-plugin", action="store_true",
+                        help=f"carry the plugin's packages ({', '.join(PLUGIN_PACKAGES)}) in the archive, for servers where it is not installed")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--config", type=Path, help="an existing model-config.yaml")
     source.add_argument("--input-size", type=int, nargs="+", metavar="PIXELS", help="height [width]: write model-config.yaml for this input size")
@@ -303,6 +325,7 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             config_file=args.config,
             extra_files=extra_files,
             version=args.version,
+            bundle_plugin=args.bundle_plugin,
         )
     else:
         if args.class_names is None:
@@ -334,6 +357,7 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             handler=args.handler,
             extra_files=args.extra_files,
             version=args.version,
+            bundle_plugin=args.bundle_plugin,
             **options,
         )
     print(f"built {built}")
