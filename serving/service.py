@@ -7,6 +7,7 @@ request succeeds or fails on its own; a failed explanation still returns the pre
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -213,12 +214,20 @@ class ExplanationService:
         steps = item.request.quality_steps
         for target in targets:
             # A quality score is part of what the explanation costs, so it is timed with it.
+            started = time.perf_counter()
             with self.metrics.stage("explain", explainer.name):
                 explanation = run.explain(explainer, torch.tensor([target], device=run.logits.device))
                 quality = self._quality(run, explanation.attributions, target, steps) if steps else None
+            latency_ms = round((time.perf_counter() - started) * 1000, 2)
             with self.metrics.stage("encode"):
                 entry = encode_attribution(explanation.attributions[0].cpu(), options=item.render, image=image)
-            entry = {"target": {"index": target, "label": self.settings.class_names[target]}, **entry}
+            entry = {"target": {"index": target, "label": self.settings.class_names[target]}, **entry,
+                     "latency_ms": latency_ms}
+            # What the explainer did, so a client can tell a rule method's map from a plain gradient.
+            if explainer.applies_rules:
+                entry["rule_sites"] = dict(explanation.rule_sites)
+            if explanation.layer is not None:
+                entry["layer"] = explanation.layer
             if quality is not None:
                 entry["quality"] = quality
                 for metric, value in quality.items():
