@@ -228,7 +228,8 @@ def standard_preprocessing(source: str, name: str) -> dict[str, Any]:
     """A library model's standard preprocessing and class names, read offline from its metadata.
 
     Returns ``{"input_size", "resize", "interpolation", "mean", "std", "class_names"}``;
-    ``class_names`` is None when the metadata has none (timm: give --class-names).
+    ``class_names`` is None when the metadata has none (a timm head that is not ImageNet's: give
+    --class-names).
 
     Raises:
         ValueError: an unknown source or model, or a pipeline the handler cannot reproduce.
@@ -261,11 +262,16 @@ def _timm_preprocessing(name: str) -> dict[str, Any]:
     import math
 
     import timm
-    from timm.data import resolve_data_config
+    from timm.data import ImageNetInfo, infer_imagenet_subset, resolve_data_config
 
     if not timm.is_model(name):
         raise ValueError(f"timm {timm.__version__} has no model {name!r}")
-    config = resolve_data_config({}, model=timm.create_model(name, pretrained=False))
+    model = timm.create_model(name, pretrained=False)
+    config = resolve_data_config({}, model=model)
+    subset = infer_imagenet_subset(model)  # None unless the head is an ImageNet one timm ships names for
+    # timm's descriptions list synonyms ("tench, Tinca tinca"): the first is the label users read.
+    class_names = None if subset is None else unique_class_names(
+        [description.split(", ")[0] for description in ImageNetInfo(subset).label_descriptions()])
     if config.get("crop_mode", "center") != "center":
         raise ValueError(f"timm {name} crops with mode {config['crop_mode']!r}; the handler reproduces 'center' "
                          "only: give --input-size, --resize and --interpolation yourself")
@@ -278,7 +284,7 @@ def _timm_preprocessing(name: str) -> dict[str, Any]:
         "interpolation": config["interpolation"],
         "mean": [float(value) for value in config["mean"]],
         "std": [float(value) for value in config["std"]],
-        "class_names": None,
+        "class_names": class_names,
     }
 
 
