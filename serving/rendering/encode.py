@@ -283,11 +283,11 @@ def _overlay_base(image: torch.Tensor | None, base: str, size: tuple[int, int]) 
 def _overlay_image(quantised: QuantisedMap, base: np.ndarray, options: RenderOptions) -> Image.Image:
     height, width = base.shape[:2]
     grid_height, grid_width = quantised.pixels.shape
-    # nearest-neighbour expansion of a coarse grid; the identity when the grid is full size
-    rows = (np.arange(height) * grid_height) // height
-    columns = (np.arange(width) * grid_width) // width
-    pixels = quantised.pixels[np.ix_(rows, columns)]
-    strength = quantised.strength[np.ix_(rows, columns)]
+    pixels, strength = quantised.pixels, quantised.strength
+    if (grid_height, grid_width) != (height, width):  # nearest-neighbour expansion of a coarse grid
+        rows = (np.arange(height) * grid_height) // height
+        columns = (np.arange(width) * grid_width) // width
+        pixels, strength = pixels[np.ix_(rows, columns)], strength[np.ix_(rows, columns)]
 
     colours = colormap_lut(options.active_colormap, diverging=options.polarity == "both")[pixels].astype(np.float64)
     alpha = (options.overlay_alpha * strength)[..., None]
