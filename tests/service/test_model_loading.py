@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import zipfile
 from types import SimpleNamespace
 
 import pytest
@@ -187,3 +188,24 @@ def _png(width: int, height: int) -> bytes:
     pixels = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def test_the_archive_cli_packs_a_timm_model_without_model_file(tmp_path, capsys):
+    import timm
+
+    from tools.archive import main as archive_main, read_archived_model_config
+
+    weights = saved_state(tmp_path, timm.create_model("mobilenetv3_small_050", pretrained=False))
+    arguments = ["--name", "small", "--timm", "mobilenetv3_small_050", "--serialized-file", str(weights),
+                 "--export-path", str(tmp_path / "store"), "--top-k", "5"]
+    assert archive_main(arguments) == 0
+    mar = tmp_path / "store" / "small.mar"
+    with zipfile.ZipFile(mar) as archive:
+        manifest = json.loads(archive.read("MAR-INF/MANIFEST.json"))
+        names = json.loads(archive.read(CLASS_NAMES_NAME))
+    assert "modelFile" not in manifest["model"] and manifest["model"]["serializedFile"] == "weights.pt"
+    handler = read_archived_model_config(mar)["handler"]
+    assert (handler["architecture"], handler["interpolation"], handler["top_k"]) == (
+        "timm:mobilenetv3_small_050", "bicubic", 5)
+    assert len(names) == 1000
+    assert archive_main([*arguments, "--if-stale"]) == 0 and "up to date" in capsys.readouterr().out
