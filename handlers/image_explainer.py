@@ -8,12 +8,13 @@ the request service's requests, and sets each reply's status. All logic lives in
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
 from ts.metrics.metric_type_enum import MetricTypes
 
-from handlers.envelopes import reply_bodies_for, requests_from_instances
+from handlers.envelopes import ENVELOPES, reply_bodies_for, requests_from_instances
 from handlers.model_loading import load_architecture, load_eager_model
 from handlers.torchserve_metrics import TorchServeRecorder
 from explainers.errors import UnsupportedModelError
@@ -27,6 +28,23 @@ from serving.warmup import WarmUp, warm_up
 logger = logging.getLogger(__name__)
 
 
+# KServe's runtime sets this from the InferenceService's protocol, and TorchServe applies it as
+# service_envelope when the server runs with enable_envvars_config=true (as the cluster config does).
+ENVELOPE_VARIABLE = "TS_SERVICE_ENVELOPE"
+
+
+def envelope_in_effect(configured: str | None, environment=os.environ) -> str | None:
+    """The model config's envelope, else the one the environment gives TorchServe.
+
+    One archive then serves both KServe protocols: the same .mar is behind a v1 and a v2
+    InferenceService, and only the pod's environment says which envelope wraps the requests.
+    """
+    if configured:
+        return configured
+    value = environment.get(ENVELOPE_VARIABLE, "").strip()
+    return value if value in ENVELOPES else None
+
+
 def _is_explain_request(headers: dict) -> bool:
     # TorchServe marks requests to /explanations (and KServe :explain) with the header explain=True.
     return str(headers.get("explain", "")).lower() == "true"
@@ -36,6 +54,7 @@ class ImageExplainerHandler:
     def __init__(self):
         self.service: ExplanationService | None = None
         self.warm_up: WarmUp | None = None
+        self.envelope: str | None = None
         self.initialized = False
 
     def initialize(self, context) -> None:
@@ -48,6 +67,7 @@ class ImageExplainerHandler:
         model = self._load_model(manifest, settings, model_dir, device)
         recorder = TorchServeRecorder(context.metrics, context.model_name, MetricTypes.COUNTER, MetricTypes.HISTOGRAM)
         self.service = ExplanationService(model, settings, Metrics(recorder))
+        self.envelope = envelope_in_effect(settings.envelope)
         self.warm_up = warm_up(model, settings)
         if self.warm_up.ok:
             logger.info("model %s: %s", context.model_name, self.warm_up.describe())
@@ -57,7 +77,7 @@ class ImageExplainerHandler:
             logger.error("model %s: %s; predictions are served, explanations may fail", context.model_name,
                          self.warm_up.describe(), exc_info=self.warm_up.error)
         self.initialized = True
-        logger.info("model %s loaded on %s", context.model_name, device)
+        logger.info("model %s loaded on %s (envelope: %s)", context.model_name, device, self.envelope or "none")
 
     @staticmethod
     def _load_model(manifest: dict, settings: ServingSettings, model_dir: Path, device: torch.device):
@@ -84,7 +104,7 @@ class ImageExplainerHandler:
             return [reply.body for _ in data or []]
 
     def _handle(self, data, context):
-        envelope = self.service.settings.envelope
+        envelope = self.envelope
         if envelope:
             return self._handle_instances(envelope, data, context)
         requests = []

@@ -30,8 +30,10 @@ builds of the same name sharing a temp dir would corrupt each other: each build 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -45,6 +47,10 @@ import yaml
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_HANDLER = PROJECT_ROOT / "handlers" / "image_explainer.py"
 MODEL_CONFIG_NAME = "model-config.yaml"
+# What a handler needs of this project at run time; --bundle-plugin copies these packages into the
+# archive for servers where the plugin cannot be installed (torch, captum, Pillow, numpy and
+# pyyaml must still be there: they come with TorchServe's own environment or the image).
+PLUGIN_PACKAGES = ("explainers", "serving", "handlers")
 CLASS_NAMES_NAME = "class_names.json"
 
 
@@ -140,13 +146,25 @@ def archive_model(
     config_file: Path | str | None = None,
     extra_files: Iterable[Path | str] = (),
     version: str = "1.0",
+    bundle_plugin: bool = False,
 ) -> Path:
     """Run torch-model-archiver (--force) and return the .mar path.
 
     Every file lands at the archive root under its base name (a directory in extra_files
     contributes its contents), which is where the handler finds them at runtime. Without a
     model file, the config's ``handler.architecture`` names the model.
+    bundle_plugin: also put the plugin's packages (PLUGIN_PACKAGES, from wherever they are
+    imported now, the installed wheel or this checkout) at the archive root, which TorchServe puts
+    on the worker's sys.path: the archive then serves where the plugin is not installed.
     """
+    if bundle_plugin:
+        with tempfile.TemporaryDirectory(prefix="plugin-bundle-") as bundle:
+            for package in PLUGIN_PACKAGES:
+                source = Path(importlib.import_module(package).__path__[0])
+                shutil.copytree(source, Path(bundle) / package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            return archive_model(name, model_file=model_file, serialized_file=serialized_file, handler=handler,
+                                 export_path=export_path, config_file=config_file,
+                                 extra_files=[*extra_files, bundle], version=version)
     sources = [*([Path(model_file)] if model_file else []), Path(serialized_file), Path(handler)]
     sources += [Path(config_file)] if config_file else []
     extras = [Path(path) for path in extra_files]
@@ -189,6 +207,7 @@ def archive_own_model(
     handler: Path | str = DEFAULT_HANDLER,
     extra_files: Iterable[Path | str] = (),
     version: str = "1.0",
+    bundle_plugin: bool = False,
     **config_options: Any,
 ) -> Path:
     """Bring your own model: write model-config.yaml and class_names.json, then archive.
@@ -199,7 +218,8 @@ def archive_own_model(
     """
     generated = own_model_generated_files(class_names, input_size, mean, std, **config_options)
     return _archive_generated(name, generated, model_file=model_file, serialized_file=serialized_file,
-                              handler=handler, export_path=export_path, extra_files=extra_files, version=version)
+                              handler=handler, export_path=export_path, extra_files=extra_files, version=version,
+                              bundle_plugin=bundle_plugin)
 
 
 def own_model_generated_files(
@@ -306,6 +326,7 @@ def archive_architecture(
     handler: Path | str = DEFAULT_HANDLER,
     extra_files: Iterable[Path | str] = (),
     version: str = "1.0",
+    bundle_plugin: bool = False,
     **config_options: Any,
 ) -> Path:
     """A torchvision or timm model by name: its standard preprocessing (``config_options`` such as
@@ -316,7 +337,8 @@ def archive_architecture(
     """
     generated = architecture_generated_files(source, architecture_name, class_names, **config_options)
     return _archive_generated(name, generated, model_file=None, serialized_file=serialized_file, handler=handler,
-                              export_path=export_path, extra_files=extra_files, version=version)
+                              export_path=export_path, extra_files=extra_files, version=version,
+                              bundle_plugin=bundle_plugin)
 
 
 def architecture_generated_files(
@@ -341,7 +363,7 @@ def architecture_generated_files(
 
 
 def _archive_generated(name: str, generated: Mapping[str, bytes], *, model_file, serialized_file, handler,
-                       export_path, extra_files, version) -> Path:
+                       export_path, extra_files, version, bundle_plugin: bool = False) -> Path:
     with tempfile.TemporaryDirectory(prefix="byo-model-") as staging:
         staged = []
         for file_name, content in generated.items():
@@ -356,6 +378,7 @@ def _archive_generated(name: str, generated: Mapping[str, bytes], *, model_file,
             config_file=Path(staging) / MODEL_CONFIG_NAME,
             extra_files=[Path(staging) / CLASS_NAMES_NAME, *extra_files],
             version=version,
+            bundle_plugin=bundle_plugin,
         )
 
 
@@ -412,6 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--extra-files", nargs="+", default=[], type=Path, help="more files for the archive root")
     parser.add_argument("--version", default="1.0", help="model version (default: %(default)s)")
     parser.add_argument("--if-stale", action="store_true", help="do nothing when NAME.mar is newer than its sources")
+    parser.add_argument("--bundle-plugin", action="store_true",
+                        help=f"carry the plugin's packages ({', '.join(PLUGIN_PACKAGES)}) in the archive, for servers where it is not installed")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--config", type=Path, help="an existing model-config.yaml (with --model-file)")
     source.add_argument("--input-size", type=int, nargs="+", metavar="PIXELS",
@@ -470,6 +495,7 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             config_file=args.config,
             extra_files=extra_files,
             version=args.version,
+            bundle_plugin=args.bundle_plugin,
         )
     else:
         if args.input_size is None:
@@ -496,6 +522,7 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             handler=args.handler,
             extra_files=args.extra_files,
             version=args.version,
+            bundle_plugin=args.bundle_plugin,
             **options,
         )
     print(f"built {built}")
@@ -517,7 +544,7 @@ def _run_by_name(parser: argparse.ArgumentParser, args: argparse.Namespace, mar:
         return 0
     built = _archive_generated(args.name, generated, model_file=None, serialized_file=args.serialized_file,
                                handler=args.handler, export_path=args.export_path, extra_files=args.extra_files,
-                               version=args.version)
+                               version=args.version, bundle_plugin=args.bundle_plugin)
     print(f"built {built}")
     return 0
 
