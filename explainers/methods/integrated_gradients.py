@@ -33,10 +33,26 @@ from ..base import Cost, Explainer
 from ..errors import InvalidOptionError
 from ..kernels.batchnorm import eval_batch_norm
 from ..kernels.rule_models import rule_model_for
+from ..kernels.capture import offer
 from ..options import number, optional_positive_int, positive_int
+from ..outputs import logits_of
 from ..registry import register
 
 MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
+
+
+def quadrature(method: str, n_steps: int) -> tuple[list[float], list[float]]:
+    """``(weights, alphas)`` of the path integral over [0, 1], weights summing to 1.
+
+    Captum's points throughout; its trapezoid weights are ``[1/2, 1, ..., 1, 1/2] / n`` for points
+    spaced ``1/(n-1)``, which sum to ``(n-1)/n`` and lose that share of completeness: here they
+    are ``[1/2, 1, ..., 1, 1/2] / (n-1)``, the trapezoid rule itself.
+    """
+    step_sizes_of, alphas_of = approximation_parameters(method)
+    weights, alphas = list(step_sizes_of(n_steps)), list(alphas_of(n_steps))
+    if method == "riemann_trapezoid":
+        weights = [weight * n_steps / (n_steps - 1) for weight in weights]
+    return weights, alphas
 
 
 @register("integrated_gradients")
@@ -67,6 +83,8 @@ class IntegratedGradientsExplainer(Explainer):
         self.internal_batch_size = optional_positive_int("internal_batch_size", internal_batch_size)
         if method not in self.METHODS:
             raise InvalidOptionError(f"method must be one of {list(self.METHODS)}, got {method!r}")
+        if method == "riemann_trapezoid" and self.n_steps < 2:
+            raise InvalidOptionError("the trapezoid rule needs n_steps >= 2 (both ends of the path)")
         self.method = method
         if memory_format not in MEMORY_FORMATS:
             raise InvalidOptionError(f"memory_format must be one of {list(MEMORY_FORMATS)}, got {memory_format!r}")
@@ -84,8 +102,7 @@ class IntegratedGradientsExplainer(Explainer):
     def attribute(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         inputs = inputs.detach()
         batch = inputs.shape[0]
-        step_sizes_of, alphas_of = approximation_parameters(self.method)
-        step_sizes, alphas = step_sizes_of(self.n_steps), alphas_of(self.n_steps)
+        step_sizes, alphas = quadrature(self.method, self.n_steps)
         baseline = torch.full_like(inputs, self.baseline)
         prefix, rest = affine_split(self.model, inputs)
         if prefix is not None:
@@ -106,7 +123,7 @@ class IntegratedGradientsExplainer(Explainer):
             points.requires_grad_(True)
             # A copy, not the leaf: the model's own in-place op may come first (the ReLU6 of
             # mobilenet_v2 right after the affine prefix), and autograd forbids one on a leaf.
-            logits = rest(points.clone())
+            logits = logits_of(rest(points.clone()))
             score = logits.gather(1, targets.repeat(len(chunk_alphas)).view(-1, 1)).sum()
             (gradient,) = torch.autograd.grad(score, points)
             del logits, score, points  # this chunk's graph goes before the next one is built
@@ -187,6 +204,11 @@ def _build_split(traced: torch.fx.GraphModule):
     prefix_nodes = {last}
     while len(last.users) == 1:
         (user,) = last.users
+        if user.op == "call_function" and user.target is offer:
+            # A layer capture, the identity while nothing captures (integrated gradients never does).
+            prefix_nodes.add(user)
+            last = user
+            continue
         layer = _affine_layer(user, last, modules)
         if layer is None:
             break
