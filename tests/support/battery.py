@@ -12,7 +12,7 @@ import torch
 
 import explainers
 from support.reference_rules import ExplicitRuleMode, explicit_rule_attribution
-from support.zoo import ModelFingerprint
+from support.zoo import ModelFingerprint, noise_inputs
 
 SHARED_FORWARD_METHODS = ("saliency", "input_x_gradient", "guided_backprop", "deconvnet", "grad_cam",
                           "guided_grad_cam")
@@ -36,10 +36,6 @@ def other_methods_options(size: int) -> dict:
         "smoothgrad": {"samples": 2},
         "occlusion": {"window": size, "stride": size, "perturbations_per_eval": 1},
     }
-
-
-def noise_inputs(size: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
-    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
 def reference_sites(model, inputs) -> dict[str, int]:
