@@ -66,10 +66,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's own choice)")
     parser.add_argument("--no-e2e", action="store_true", help="skip the TorchServe end-to-end part")
     parser.add_argument("--no-architectures", action="store_true", help="skip the torchvision architectures part")
+    parser.add_argument("--architectures-only", action="store_true",
+                        help="only the torchvision architectures part (no demo, ResNet-50 shape or end-to-end part)")
     parser.add_argument("--architectures", nargs="+", metavar="NAME",
                         help="torchvision models of the architectures part (default: the issue's seven; --quick: three)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     arguments = parser.parse_args(argv)
+    if arguments.architectures_only and arguments.no_architectures:
+        parser.error("--architectures-only and --no-architectures exclude each other")
 
     from . import architectures, e2e, inprocess
     from .models import RESNET50_FILE, demo_model, resnet50
@@ -85,8 +89,8 @@ def main(argv: list[str] | None = None) -> int:
                     "definitions": DEFINITIONS}
     demo, demo_description, demo_file = demo_model()
     selected = plans(mode)
-    models = [("demo", demo.to(device), demo_description, 64, 5, [1, 4], 32 * 4)]
-    if selected["resnet50"] is not None:
+    models = [] if arguments.architectures_only else [("demo", demo.to(device), demo_description, 64, 5, [1, 4], 32 * 4)]
+    if selected["resnet50"] is not None and not arguments.architectures_only:
         models.append(("resnet50", resnet50().to(device), "ResNet-50 shape (benchmarks.models.ResNet50, seeded random weights)",
                        224, 1000, [1, 4], 16))
     for name, model, description, size, classes, batches, ig_batch in models:
@@ -98,8 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         report["architectures"] = architectures.run(architectures.plan_for(mode, arguments.architectures), device, log=log)
 
-    if arguments.no_e2e or arguments.smoke:
-        report["end_to_end"] = {"skipped": "--no-e2e" if arguments.no_e2e else "smoke mode"}
+    if arguments.no_e2e or arguments.smoke or arguments.architectures_only:
+        report["end_to_end"] = {"skipped": "--no-e2e" if arguments.no_e2e else "smoke mode" if arguments.smoke
+                                else "--architectures-only"}
     else:
         quick = mode == "quick"
         report["end_to_end"] = guarded(e2e.run, demo.cpu(), demo_file, 64, [f"class{i}" for i in range(5)],
