@@ -12,7 +12,7 @@ from PIL import Image
 from torch import nn
 
 import explainers
-from explainers.methods.cam import last_conv_layer
+from explainers.methods.feature_maps import default_layer
 from serving.metrics import prometheus_metrics
 from explainers.kernels.rule_models import rule_model_for
 from serving.requests import RawRequest
@@ -50,7 +50,8 @@ def _png(size: int, seed: int = 0) -> bytes:
 
 def explained_cases(model: nn.Module, inputs: torch.Tensor) -> dict:
     """Callables of every case the ratio goals compare, on one model and batch."""
-    layer_name = last_conv_layer(model)
+    with torch.enable_grad():
+        layer_name = default_layer(model.eval(), inputs)  # the layer our Grad-CAM weighs by default
     layer = model.get_submodule(layer_name)
 
     def floor():

@@ -39,6 +39,8 @@ class Explainer(abc.ABC):
     name: ClassVar[str] = ""
     # Whether the method runs backward passes over the forward pass the prediction made.
     shares_forward: ClassVar[bool] = False
+    # Whether the method puts backward rules at activations (its explanations report the sites).
+    applies_rules: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -53,9 +55,14 @@ class Explainer(abc.ABC):
         """
         return Cost(evaluations=1, backward_passes=1, rows_per_forward=1)
 
-    def layers(self) -> list[str]:
-        """Names of the layers whose activations the shared forward must capture."""
+    def layers(self, inputs: torch.Tensor) -> list[str]:
+        """Names of the layers whose activations the shared forward of ``inputs`` must capture."""
         return []
+
+    @property
+    def explained_layer(self) -> str | None:
+        """The layer the method weighed (CAM methods), once known."""
+        return None
 
     @abc.abstractmethod
     def attribute(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -87,4 +94,4 @@ class GradientRuleExplainer(Explainer):
         """Attributions from backward passes over ``record``."""
 
     def attribute(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return self.attribute_from_record(ForwardRecord(self.model, inputs, self.layers()), targets)
+        return self.attribute_from_record(ForwardRecord(self.model, inputs, self.layers(inputs)), targets)

@@ -1,7 +1,7 @@
 """One forward pass shared by a prediction and every explainer that backpropagates over it.
 
-Explainers are duck-typed here (``shares_forward``, ``layers()``, ``attribute_from_record``,
-``attribute``): this module sits below ``base``, which builds ``Explainer.explain`` on it.
+Explainers are duck-typed here (``shares_forward``, ``applies_rules``, ``layers()``,
+``explained_layer``, ``attribute_from_record``, ``attribute``): this module sits below ``base``, which builds ``Explainer.explain`` on it.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from torch import nn
 from .explanation import Explanation
 from .hygiene import explanation_mode
 from .kernels.forward_record import ForwardRecord
+from .outputs import logits_of
 from .validation import TargetSpec, check_target_spec, resolve_targets, validate_inputs
 
 
@@ -31,13 +32,13 @@ class ExplanationRun:
         check_target_spec(target, self.inputs.shape[0])
         gradient_explainers = [e for e in explainers if e.shares_forward]
         if gradient_explainers:
-            layers = {layer for explainer in gradient_explainers for layer in explainer.layers()}
+            layers = {layer for explainer in gradient_explainers for layer in explainer.layers(self.inputs)}
             self._record: ForwardRecord | None = ForwardRecord(model, self.inputs, layers)
             self.logits = self._record.logits
         else:
             self._record = None
             with torch.no_grad():
-                self.logits = model(self.inputs)
+                self.logits = logits_of(model(self.inputs))
         self.targets = resolve_targets(target, self.logits)
 
     def explain(self, explainer, targets: torch.Tensor | None = None) -> Explanation:
@@ -47,7 +48,8 @@ class ExplanationRun:
             attributions = explainer.attribute_from_record(self._record, targets)
         else:
             attributions = explainer.attribute(self.inputs, targets)
-        return Explanation(attributions.detach(), targets, explainer.name)
+        sites = self._record.rule_sites if explainer.applies_rules and self._record is not None else {}
+        return Explanation(attributions.detach(), targets, explainer.name, sites, explainer.explained_layer)
 
     @classmethod
     def explain_one(cls, model: nn.Module, inputs: torch.Tensor, explainer, target: TargetSpec) -> Explanation:

@@ -117,9 +117,10 @@ class Preprocessor:
     """Resize and normalise images for one model; size and statistics are validated once, here.
 
     Resizing is Pillow's bilinear filter, which widens its support when shrinking (antialiased),
-    as torchvision's ``Resize`` does on Pillow images. Normalisation is one fused multiply-add on
-    the 8-bit pixels, ``p · 1/(255·std) − mean/std``, equal to ``(p/255 − mean)/std`` up to float
-    rounding.
+    as torchvision's ``Resize`` does on Pillow images. Normalisation is ``(p/255 − mean)/std`` in
+    torchvision's order of operations (``ToTensor`` then ``Normalize``), so inputs are bit-identical
+    to a torchvision pipeline's: a fused multiply-add would differ in the last bit and reorder the
+    ties of a coarse map.
 
     Raises:
         InvalidOptionError: ``size``, ``mean`` or ``std`` is malformed, or a ``std`` is not > 0.
@@ -131,8 +132,7 @@ class Preprocessor:
         std_tensor = _channel_values("std", std)
         if not bool((std_tensor > 0).all()):
             raise InvalidOptionError(f"'std' must be positive for every channel, got {list(std)}")
-        self._scale = 1.0 / (255.0 * std_tensor)
-        self._shift = -mean_tensor / std_tensor
+        self._mean, self._std = mean_tensor, std_tensor
 
     def pixels(self, image: Image.Image) -> torch.Tensor:
         """The image at the model's input size as uint8 ``[3, H, W]``.
@@ -149,7 +149,7 @@ class Preprocessor:
 
     def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
         """float32 ``[1, 3, H, W]`` model input from uint8 ``[3, H, W]`` pixels."""
-        return torch.addcmul(self._shift, pixels.to(torch.float32), self._scale).unsqueeze(0)
+        return pixels.to(torch.float32).div_(255.0).sub_(self._mean).div_(self._std).unsqueeze(0)
 
 
 def to_model_input(

@@ -26,6 +26,7 @@ from torch import nn
 from ..errors import InvalidInputError, InvalidOptionError, InvalidTargetError
 from ..hygiene import explanation_mode
 from ..options import positive_int
+from ..outputs import logits_of
 from ..validation import model_device
 
 DEFAULT_STEPS = 32
@@ -138,7 +139,7 @@ def _curve(model: nn.Module, start: torch.Tensor, end: torch.Tensor, importance:
             chunk = slice(first, first + images_per_pass)
             mask = moved[chunk].view(-1, steps + 1, 1, height, width).to(device)
             frames = torch.where(mask, end[chunk, None].to(device), start[chunk, None].to(device))
-            logits = model(frames.flatten(0, 1)).view(mask.shape[0], steps + 1, -1)
+            logits = logits_of(model(frames.flatten(0, 1))).view(mask.shape[0], steps + 1, -1)
             if int(targets.max()) >= logits.shape[-1]:
                 raise InvalidTargetError(f"target class index out of range [0, {logits.shape[-1]}): {targets.tolist()}")
             chosen = targets[chunk].to(device).view(-1, 1, 1).expand(-1, steps + 1, 1)

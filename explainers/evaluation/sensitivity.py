@@ -22,6 +22,7 @@ from ..base import Explainer
 from ..errors import InvalidInputError
 from ..explanation import Explanation
 from ..hygiene import explanation_mode
+from ..outputs import logits_of
 from ..validation import validate_inputs
 from .maps import importance_map, rank_similarity, signed_map
 
@@ -56,7 +57,7 @@ def class_map_similarity(explainer: Explainer, inputs: torch.Tensor) -> ClassSen
     model = explainer.model
     inputs = validate_inputs(inputs, model)
     with explanation_mode(model), torch.no_grad():
-        logits = model(inputs)
+        logits = logits_of(model(inputs))
     top, least = top_and_least_likely(logits)
     top_explanation = explainer.explain(inputs, top)
     least_explanation = explainer.explain(inputs, least)

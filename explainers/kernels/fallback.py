@@ -1,36 +1,44 @@
-"""The rule model of a model fx cannot trace: its own forward, every ReLU call intercepted."""
+"""The rule model of a model fx cannot trace: its own forward, every activation call intercepted."""
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .rules import rule_relu
+from .activations import FUNCTION_KINDS, TENSOR_METHODS, refine_kind, split_inplace
+from .rules import rule_activation
 
-_OUT_OF_PLACE_RELUS = {F.relu, torch.relu, torch.Tensor.relu}
-_IN_PLACE_RELUS = {torch.relu_, F.relu_, torch.Tensor.relu_}
+_INTERCEPTED = {**FUNCTION_KINDS, **TENSOR_METHODS}
 
 
-class ReluRuleMode(TorchFunctionMode):
-    """Sends every ReLU call made during a forward to :func:`rule_relu` (this thread only)."""
+class ActivationRuleMode(TorchFunctionMode):
+    """Sends every activation call made during a forward to :func:`rule_activation` (this thread only).
+
+    ``nn`` activation modules call the functions in ``torch.nn.functional``, so they are caught
+    here too. While a mode handles a call it is switched off, so the call's own insides are not
+    seen twice.
+    """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _OUT_OF_PLACE_RELUS or func in _IN_PLACE_RELUS:
-            inputs = args[0] if args else kwargs["input"]
-            inplace = func in _IN_PLACE_RELUS or kwargs.get("inplace", args[1] if len(args) > 1 else False)
-            output = rule_relu(inputs)
-            if not inplace:
-                return output
-            # Keep in-place semantics: the caller's tensor now holds the output, with its history.
-            return inputs.copy_(output)
-        return func(*args, **kwargs)
+        entry = _INTERCEPTED.get(func)
+        if entry is None:
+            return func(*args, **kwargs)
+        function, inplace = entry
+        args, call_kwargs, inplace_flag = split_inplace(func, tuple(args), kwargs)
+        kind = refine_kind(function, args, call_kwargs)
+        if not (inplace or inplace_flag):
+            return rule_activation(kind, function, *args, **call_kwargs)
+        # Keep in-place semantics: the caller's tensor then holds the output, with its history. The
+        # activation reads a copy: most activations' backward needs their input, which copy_ overwrites
+        # (ReLU's needs only its output).
+        inputs, rest = (args[0], args[1:]) if args else (call_kwargs.pop("input"), ())
+        source = inputs if kind == "relu" else inputs.clone()
+        return inputs.copy_(rule_activation(kind, function, source, *rest, **call_kwargs))
 
 
 class ModeRuleModel(nn.Module):
-    """Runs the model's own forward with every ReLU call intercepted (and so recorded)."""
+    """Runs the model's own forward with every activation call intercepted (and so recorded)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -38,5 +46,5 @@ class ModeRuleModel(nn.Module):
         object.__setattr__(self, "wrapped", model)
 
     def forward(self, *args, **kwargs):
-        with ReluRuleMode():
+        with ActivationRuleMode():
             return self.wrapped(*args, **kwargs)

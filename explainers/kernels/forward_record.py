@@ -2,81 +2,84 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 
 from ..errors import InvalidOptionError
-from .rule_models import rule_model_for
-from .rules import BackwardRule, RuleSelector, active_selector, selecting_rules
+from ..outputs import logits_of
+from .capture import ALL_LAYERS, LayerCapture, capturing
+from .rule_models import rule_model_for, uses_traced_rules
+from .rules import BackwardRule, RuleSelector, selecting_rules
 
 
 class ForwardRecord:
     """The graph of one forward through the model's rule model, kept for several backward passes.
 
-    Each backward picks its ReLU rule when it runs (``retain_graph``), so guided backprop, DeconvNet
-    and saliency of the same inputs share this one forward. Activations of the requested layers are
-    captured in the same forward for Grad-CAM.
+    Each backward picks its activation rule when it runs (``retain_graph``), so guided backprop,
+    DeconvNet and saliency of the same inputs share this one forward. Activations of the requested
+    layers (any module by dotted name; ``ALL_LAYERS`` for every one) are captured in the same
+    forward for CAM methods.
     """
 
-    def __init__(self, model: nn.Module, inputs: torch.Tensor, layers: Iterable[str] = ()):
+    def __init__(self, model: nn.Module, inputs: torch.Tensor, layers: Iterable[str] | None = ()):
         self.inputs = inputs.detach().requires_grad_(True)
         self._selector = RuleSelector()
-        self.activations: dict[str, torch.Tensor] = {}
         rule_model = rule_model_for(model, inputs)
-        with self._capturing(model, set(layers)), selecting_rules(self._selector):
-            self.logits: torch.Tensor = rule_model(self.inputs)
-        self._targets: torch.Tensor | None = None
+        names = ALL_LAYERS if layers is ALL_LAYERS else set(layers)
+        if names:
+            modules = dict(model.named_modules())
+            missing = sorted(name for name in names if name not in modules or not name)
+            if missing:
+                raise InvalidOptionError(f"no layer named {missing} in the model")
+        self._capture = LayerCapture(names) if names is ALL_LAYERS or names else None
+        if self._capture is None:  # most requests: no CAM layer, nothing to capture
+            with selecting_rules(self._selector):
+                self.logits: torch.Tensor = logits_of(rule_model(self.inputs))
+        else:
+            # The fallback runs the model's own modules, whose forward hooks then feed the capture.
+            hooked = None if uses_traced_rules(model) else model
+            with capturing(self._capture, hooked), selecting_rules(self._selector):
+                self.logits = logits_of(rule_model(self.inputs))
+            if names is not ALL_LAYERS:
+                not_reached = sorted(names - self._capture.activations.keys())
+                if not_reached:
+                    raise InvalidOptionError(f"layer(s) {not_reached} did not run in the forward pass")
 
-    @contextlib.contextmanager
-    def _capturing(self, model: nn.Module, layer_names: set[str]):
-        if not layer_names:  # most requests: no Grad-CAM layer, no walk over the model's modules
-            yield
-            return
-        modules = dict(model.named_modules())
-        missing = sorted(name for name in layer_names if name not in modules)
-        if missing:
-            raise InvalidOptionError(f"no layer named {missing} in the model")
-        selector = self._selector
-        handles = []
+    @property
+    def activations(self) -> dict[str, torch.Tensor]:
+        return {} if self._capture is None else self._capture.activations
 
-        def capture(name: str):
-            def hook(_module, _args, output):
-                # Other threads may run this module meanwhile; only our own forward is recorded.
-                if active_selector() is not selector:
-                    return None
-                self.activations[name] = output
-                # The rest of the forward reads a copy, so an in-place op after the layer (the
-                # model's own in-place ReLU on the fallback path, `out += identity`) cannot change
-                # the activation Grad-CAM weighs; the gradient still flows to it through the copy.
-                return output.clone() if isinstance(output, torch.Tensor) else None
-            return hook
+    @property
+    def captured_calls(self) -> list[tuple[tuple[str, ...], torch.Tensor]]:
+        """Every captured module call, ``(module names, output)``, in the order the calls ended."""
+        return [] if self._capture is None else self._capture.calls
 
-        try:
-            for name in layer_names:
-                handles.append(modules[name].register_forward_hook(capture(name)))
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
-        not_reached = sorted(layer_names - self.activations.keys())
-        if not_reached:
-            raise InvalidOptionError(f"layer(s) {not_reached} did not run in the forward pass")
+    @property
+    def rule_sites(self) -> dict[str, int]:
+        """Activation kind -> calls recorded in this forward: where a rule can apply."""
+        return dict(self._selector.sites)
 
     def score(self, targets: torch.Tensor) -> torch.Tensor:
         # Rows are independent in eval mode, so the sum's gradient holds each row's own gradient.
         return self.logits.gather(1, targets.view(-1, 1)).sum()
 
     def input_gradient(self, targets: torch.Tensor, rule: BackwardRule) -> torch.Tensor:
-        """d score / d input with ``rule`` at every ReLU."""
+        """d score / d input with ``rule`` at every recorded activation."""
         with self._selector.applying(rule):
             (gradient,) = torch.autograd.grad(self.score(targets), self.inputs, retain_graph=True)
         return gradient
 
     def layer_gradient(self, targets: torch.Tensor, layer: str) -> torch.Tensor:
-        """Plain d score / d activation of ``layer``: a backward that stops at the layer."""
+        """Plain d score / d activation of ``layer``: a backward that stops at the layer.
+
+        Raises:
+            InvalidOptionError: the layer does not feed the model's output.
+        """
         with self._selector.applying(BackwardRule.GRADIENT):
-            (gradient,) = torch.autograd.grad(self.score(targets), self.activations[layer], retain_graph=True)
+            (gradient,) = torch.autograd.grad(self.score(targets), self.activations[layer], retain_graph=True,
+                                              allow_unused=True)
+        if gradient is None:
+            raise InvalidOptionError(f"layer {layer!r} does not feed the model's output: nothing to weigh")
         return gradient

@@ -5,18 +5,29 @@ from __future__ import annotations
 import threading
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.fx
 from torch import nn
 
+from ..outputs import logits_of
 from .fallback import ModeRuleModel
-from .tracing import trace_rule_model
+from .tracing import optional_forward_arguments, trace_rule_model
 
-RuleModel = Callable[..., torch.Tensor]
+RuleModel = Callable[..., object]
+
+
+@dataclass(frozen=True)
+class RulePath:
+    """How a model's explained forward runs: ``traced`` (fast) or ``fallback``, and why."""
+
+    kind: str
+    reason: str
+
 
 _cache_lock = threading.Lock()
-_rule_models: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, ...], RuleModel]] = (
+_rule_models: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, ...], RuleModel, RulePath]] = (
     weakref.WeakKeyDictionary()
 )
 
@@ -31,16 +42,27 @@ def rule_model_for(model: nn.Module, example: torch.Tensor) -> RuleModel:
 
     The first build checks the traced model against the model on ``example``: a trace whose output
     disagrees (Python control flow fx froze) or that would lose a custom ``autograd.Function``
-    backward is discarded for the fallback.
+    backward is discarded for the fallback. Either returns what the model returns (use
+    :func:`explainers.logits_of` on it).
+
+    Raises:
+        UnsupportedModelError: the forward needs arguments besides the image.
     """
     key = _structure_key(model)
     with _cache_lock:
         cached = _rule_models.get(model)
         if cached is not None and cached[0] == key:
             return cached[1]
-        rule_model = _build_rule_model(model, example)
-        _rule_models[model] = (key, rule_model)
+        optional_forward_arguments(model)  # refuses a forward that needs more than the image
+        rule_model, path = _build_rule_model(model, example)
+        _rule_models[model] = (key, rule_model, path)
         return rule_model
+
+
+def rule_path(model: nn.Module) -> RulePath | None:
+    """How ``model``'s explained forward runs, once it has run (None before)."""
+    cached = _rule_models.get(model)
+    return None if cached is None else cached[2]
 
 
 def _uses_custom_autograd_functions(output: torch.Tensor) -> bool:
@@ -61,27 +83,30 @@ def _uses_custom_autograd_functions(output: torch.Tensor) -> bool:
     return False
 
 
-def _build_rule_model(model: nn.Module, example: torch.Tensor) -> RuleModel:
+def _build_rule_model(model: nn.Module, example: torch.Tensor) -> tuple[RuleModel, RulePath]:
     try:
         traced = trace_rule_model(model)
-    except Exception:  # fx raises many types for untraceable code; the fallback is always exact
-        return ModeRuleModel(model)
+    except Exception as error:  # fx raises many types for untraceable code; the fallback is always exact
+        return ModeRuleModel(model), RulePath("fallback", f"fx cannot trace it: {type(error).__name__}: {error}"[:300])
     with torch.enable_grad():
-        expected = model(example.detach().requires_grad_(True))
+        expected = logits_of(model(example.detach().requires_grad_(True)))
     with torch.no_grad():
-        observed = traced(example)
-    if (
-        isinstance(expected, torch.Tensor)
-        and isinstance(observed, torch.Tensor)
-        and expected.shape == observed.shape
-        and torch.allclose(expected.detach(), observed, rtol=1e-4, atol=1e-5)
-        and not _uses_custom_autograd_functions(expected)
-    ):
-        return traced
-    return ModeRuleModel(model)
+        observed = logits_of(traced(example))
+    if _uses_custom_autograd_functions(expected):
+        return ModeRuleModel(model), RulePath("fallback", "it uses a custom autograd.Function, whose backward a trace would drop")
+    if expected.shape != observed.shape:
+        return ModeRuleModel(model), RulePath("fallback", f"the trace returns {list(observed.shape)}, the model {list(expected.shape)}")
+    # Float rounding differs between the trace and the model (batch norms run as their affine map):
+    # the tolerance scales with the logits, so large logits do not send an exact trace to the fallback.
+    difference = float((expected.detach() - observed).abs().max())
+    tolerance = 1e-4 * float(expected.detach().abs().max()) + 1e-5
+    if not difference <= tolerance:
+        return ModeRuleModel(model), RulePath(
+            "fallback", f"the trace disagrees with the model by {difference:.3g} (Python control flow fx froze?)")
+    return traced, RulePath("traced", "fx traced it and the trace matches the model")
 
 
 def uses_traced_rules(model: nn.Module) -> bool:
     """Whether ``model``'s cached rule model is the fast traced one (for diagnostics and tests)."""
-    cached = _rule_models.get(model)
-    return cached is not None and isinstance(cached[1], torch.fx.GraphModule)
+    path = rule_path(model)
+    return path is not None and path.kind == "traced"

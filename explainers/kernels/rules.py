@@ -1,15 +1,20 @@
-"""Backward rules at ReLUs: plain gradient, Guided Backpropagation and DeconvNet.
+"""Backward rules at activations: plain gradient, Guided Backpropagation and DeconvNet.
 
-One forward pass records, at each ReLU, the autograd node of that ReLU call (ATen's own
-``ReluBackward0``, which keeps the output, whose sign is the mask ``f > 0``). Every backward over
-that same graph then applies the rule chosen at backward time, so a single forward serves several
-methods (each runs its own backward with ``retain_graph``):
+One forward pass records, at each activation call (``activations.py`` lists the kinds), the
+autograd node of that call (ATen's own, e.g. ``ReluBackward0`` or ``GeluBackward0``, whose
+backward is ``phi'(f) · R``). Every backward over that same graph then applies the rule chosen at
+backward time, so a single forward serves several methods (each runs its own backward with
+``retain_graph``):
 
-* ``GRADIENT``  (saliency):         ``1[f>0] · R``          the node as it is: no hook at all
-* ``GUIDED``    (guided backprop):  ``1[f>0] · 1[R>0] · R``  a pre-hook clamps R, the node masks
-* ``DECONV``    (DeconvNet):        ``1[R>0] · R``          a post-hook replaces the node's result
+* ``GRADIENT``  (saliency):         ``phi'(f) · R``          the node as it is: no hook at all
+* ``GUIDED``    (guided backprop):  ``phi'(f) · max(R, 0)``  a pre-hook clamps R, the node multiplies
+* ``DECONV``    (DeconvNet):        ``max(R, 0)``            a post-hook replaces the node's result
 
-With R the gradient arriving at a ReLU's output and f its input (DESIGN.md §2). The hooks sit on
+With R the gradient arriving at an activation's output and f its input (DESIGN.md §2). For ReLU,
+``phi'(f) = 1[f>0]`` and these are Springenberg et al.'s rules exactly. For smooth activations
+(GELU, SiLU, ...) guided backprop keeps the activation's own local slope, which may be negative or
+above one, and drops the negative evidence arriving from above, the part of the rule that makes it
+"guided"; DeconvNet ignores the forward pass at activations whatever their shape. The hooks sit on
 the nodes of one forward's own graph for the length of one backward, so nothing is ever attached
 to the model, and concurrent explanations never see each other's rules. The rule touches only the
 gradient flowing back through the ReLU itself; autograd adds the gradient of any other branch
@@ -40,6 +45,9 @@ import enum
 from collections.abc import Iterator
 
 import torch
+from torch import nn
+
+from .activations import MODULE_KINDS, OUT_OF_PLACE, module_activation
 
 
 class BackwardRule(enum.Enum):
@@ -49,16 +57,21 @@ class BackwardRule(enum.Enum):
 
 
 class RuleSelector:
-    """The ReLU nodes of one forward pass, and the rule a backward over them applies.
+    """The activation nodes of one forward pass, and the rule a backward over them applies.
 
     One selector belongs to one forward pass, so concurrent explanations never share one.
     """
 
-    __slots__ = ("rule", "nodes")
+    __slots__ = ("rule", "nodes", "sites")
 
     def __init__(self, rule: BackwardRule = BackwardRule.GRADIENT):
         self.rule = rule
-        self.nodes: list = []  # autograd ReluBackward0 nodes, in forward order
+        self.nodes: list = []  # the activations' autograd nodes, in forward order
+        self.sites: dict[str, int] = {}  # activation kind -> calls recorded
+
+    def record(self, kind: str, node) -> None:
+        self.nodes.append(node)
+        self.sites[kind] = self.sites.get(kind, 0) + 1
 
     @contextlib.contextmanager
     def applying(self, rule: BackwardRule) -> Iterator[None]:
@@ -87,11 +100,14 @@ def _clamp_incoming(grad_outputs):
 
 
 def _pass_clamped_incoming(grad_inputs, grad_outputs):
-    """DeconvNet rule: the node's masked result replaced by 1[R>0]·R (the forward mask ignored)."""
+    """DeconvNet rule: the node's result for its input replaced by max(R, 0) (the forward ignored).
+
+    PReLU's node also returns its weight's gradient, which no explanation reads: left as it is.
+    """
     (incoming,) = grad_outputs
     if incoming is None or grad_inputs[0] is None:
         return None
-    return (incoming.clamp(min=0),)
+    return (incoming.clamp(min=0), *grad_inputs[1:])
 
 
 # Set only while a forward pass records, in the caller's own context (thread-safe).
@@ -100,17 +116,34 @@ _ACTIVE_SELECTOR: contextvars.ContextVar[RuleSelector | None] = contextvars.Cont
 )
 
 
+def recorded(output: torch.Tensor, kind: str) -> torch.Tensor:
+    """``output`` of an activation call, its autograd node recorded for the forward in progress."""
+    selector = _ACTIVE_SELECTOR.get()
+    if selector is not None and output.grad_fn is not None:
+        selector.record(kind, output.grad_fn)
+    return output
+
+
 def rule_relu(inputs: torch.Tensor) -> torch.Tensor:
     """ATen's ReLU, out of place, its autograd node recorded for the forward pass in progress.
 
     Out of place also where the model wrote an in-place ReLU: the traced graph points every later
     reader at this output, and the input stays intact for whatever else saved it.
     """
-    output = torch.relu(inputs)
-    selector = _ACTIVE_SELECTOR.get()
-    if selector is not None and output.grad_fn is not None:
-        selector.nodes.append(output.grad_fn)
-    return output
+    return recorded(torch.relu(inputs), "relu")
+
+
+def rule_activation(kind: str, function: str, *args, **kwargs) -> torch.Tensor:
+    """The out-of-place activation ``OUT_OF_PLACE[function](*args, **kwargs)``, recorded as ``kind``.
+
+    The function goes by name: a traced graph can pass strings to a call, not function objects.
+    """
+    return recorded(OUT_OF_PLACE[function](*args, **kwargs), kind)
+
+
+def rule_module_activation(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """What activation ``module`` computes, out of place, recorded under its kind."""
+    return recorded(module_activation(module, inputs), MODULE_KINDS[type(module)])
 
 
 def rule_relu_(inputs: torch.Tensor) -> torch.Tensor:
@@ -123,11 +156,7 @@ def rule_relu_(inputs: torch.Tensor) -> torch.Tensor:
     """
     if inputs.requires_grad and (inputs.is_leaf or inputs._is_view()):
         return rule_relu(inputs)
-    output = torch.relu_(inputs)
-    selector = _ACTIVE_SELECTOR.get()
-    if selector is not None and output.grad_fn is not None:
-        selector.nodes.append(output.grad_fn)
-    return output
+    return recorded(torch.relu_(inputs), "relu")
 
 
 @contextlib.contextmanager

@@ -1,4 +1,4 @@
-"""The traced rule model: ``torch.fx`` rewrites every ReLU call site to a recording one.
+"""The traced rule model: ``torch.fx`` rewrites every activation call site to a recording one.
 
 The traced module shares the model's submodules, so weights, buffers and training flags are the
 model's own; only the call graph is new.
@@ -6,37 +6,40 @@ model's own; only the call graph is new.
 
 from __future__ import annotations
 
+import inspect
 import operator
 import threading
 
 import torch
 import torch.fx
-import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UnsupportedModelError
+from .activations import FUNCTION_KINDS, METHOD_KINDS, MODULE_KINDS, refine_kind, split_inplace
 from .batchnorm import BATCH_NORMS, eval_batch_norm
-from .rules import rule_relu, rule_relu_
+from .capture import offer
+from .rules import rule_activation, rule_module_activation, rule_relu, rule_relu_
 
-_RELU_FUNCTIONS = {F.relu, torch.relu}
-_INPLACE_RELU_FUNCTIONS = {torch.relu_, F.relu_}
-
-
-def _relu_call_kind(node: torch.fx.Node, modules: dict[str, nn.Module]) -> str | None:
-    """'out_of_place', 'inplace' or None for a node that is not a ReLU call."""
-    if node.op == "call_module" and type(modules.get(node.target)) is nn.ReLU:
-        return "inplace" if modules[node.target].inplace else "out_of_place"
-    if node.op == "call_function":
-        if node.target in _INPLACE_RELU_FUNCTIONS:
-            return "inplace"
-        if node.target in _RELU_FUNCTIONS:
-            inplace = node.kwargs.get("inplace", node.args[1] if len(node.args) > 1 else False)
-            return "inplace" if inplace else "out_of_place"
-    if node.op == "call_method" and node.target in ("relu", "relu_"):
-        return "inplace" if node.target == "relu_" else "out_of_place"
+def _activation_call(node: torch.fx.Node, modules: dict[str, nn.Module]):
+    """``(kind, out-of-place function's name or None for a module, args, kwargs, in place)`` of an
+    activation call node, or None for any other node."""
+    if node.op == "call_module":
+        module = modules.get(node.target)
+        kind = MODULE_KINDS.get(type(module))
+        if kind is None:
+            return None
+        return kind, None, node.args, dict(node.kwargs), bool(getattr(module, "inplace", False))
+    if node.op == "call_function" and node.target in FUNCTION_KINDS:
+        function, inplace = FUNCTION_KINDS[node.target]
+        args, kwargs, inplace_flag = split_inplace(node.target, node.args, node.kwargs)
+        return refine_kind(function, args, kwargs), function, args, kwargs, inplace or inplace_flag
+    if node.op == "call_method" and node.target in METHOD_KINDS:
+        function, inplace = METHOD_KINDS[node.target]
+        return function, function, node.args, dict(node.kwargs), inplace
     return None
 
 
-def _relu_input(node: torch.fx.Node) -> torch.fx.Node:
+def _call_input(node: torch.fx.Node) -> torch.fx.Node:
     return node.args[0] if node.args else node.kwargs["input"]
 
 
@@ -54,9 +57,15 @@ def _mutation_is_safe(source: torch.fx.Node, relu: torch.fx.Node, modules: dict[
     Only when ``source`` comes from an op that keeps no reference to its output for backward
     (convolution, linear, batch norm, addition) and nothing reads it before the ReLU: then no
     saved tensor changes under autograd, and the forward allocates what the model's own does.
+    A layer capture in between hands on the value itself, or a copy when it captures (which the
+    ReLU may overwrite too): it is looked through.
     """
     if any(position[reader] < position[relu] for reader in source.users if reader is not relu):
         return False
+    while source.op == "call_function" and source.target is offer:
+        relu, source = source, source.args[1]
+        if len(source.users) != 1:
+            return False
     if source.op == "call_module":
         return type(modules.get(source.target)) in _UNSAVED_OUTPUT_MODULES
     if source.op == "call_function":
@@ -64,6 +73,23 @@ def _mutation_is_safe(source: torch.fx.Node, relu: torch.fx.Node, modules: dict[
     if source.op == "call_method":
         return source.target in _UNSAVED_OUTPUT_METHODS
     return False
+
+
+def optional_forward_arguments(model: nn.Module) -> dict[str, object]:
+    """The forward's parameters after the image, with their defaults: an explanation passes the
+    image alone, so the trace fixes the rest at their defaults.
+
+    Raises:
+        UnsupportedModelError: a parameter after the image has no default.
+    """
+    parameters = list(inspect.signature(model.forward).parameters.values())[1:]
+    required = [p.name for p in parameters if p.default is inspect.Parameter.empty
+                and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
+    if required:
+        raise UnsupportedModelError(
+            f"the model's forward needs {required} besides the image; explanations pass the image alone")
+    return {p.name: p.default for p in parameters
+            if p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)}
 
 
 class _ThreadConfinedTracer(torch.fx.Tracer):
@@ -92,18 +118,22 @@ class _ThreadConfinedTracer(torch.fx.Tracer):
 
 def _symbolic_trace(model: nn.Module) -> torch.fx.GraphModule:
     tracer = _ThreadConfinedTracer()
-    graph = tracer.trace(model)
+    graph = tracer.trace(model, concrete_args=optional_forward_arguments(model) or None)
     return torch.fx.GraphModule(tracer.root, graph, model.__class__.__name__)
 
 
 def trace_rule_model(model: nn.Module) -> torch.fx.GraphModule:
-    """Trace ``model`` and route every ReLU call site through :func:`rule_relu`.
+    """Trace ``model`` and route every activation call site through a recording rule call.
 
-    Every later reader of an in-place ReLU's input is pointed at the ReLU's output, which is what
-    it would have read after the mutation. The ReLU stays in place only where that is safe for
-    autograd (:func:`_mutation_is_safe`, e.g. on a batch norm's or a residual sum's output, as in
-    ResNets); elsewhere it becomes out-of-place, so a model whose own in-place ReLUs autograd
-    could not differentiate (two in a row) is still explained exactly.
+    Every module call's output passes through :func:`capture.offer`, so a CAM can weigh any module
+    by name, containers and activations included.
+
+    ReLUs go through :func:`rule_relu`; every later reader of an in-place ReLU's input is pointed
+    at the ReLU's output, which is what it would have read after the mutation. A ReLU stays in
+    place only where that is safe for autograd (:func:`_mutation_is_safe`, e.g. on a batch norm's
+    or a residual sum's output, as in ResNets); elsewhere it becomes out of place, so a model whose
+    own in-place ReLUs autograd could not differentiate (two in a row) is still explained exactly.
+    Every other activation kind runs out of place, recorded the same way.
 
     Batch norms become :func:`eval_batch_norm` calls (the module itself whenever it is not a plain
     eval-mode batch norm at call time).
@@ -114,18 +144,28 @@ def trace_rule_model(model: nn.Module) -> torch.fx.GraphModule:
     graph_module = _symbolic_trace(model)
     graph = graph_module.graph
     modules = dict(graph_module.named_modules())
+    _offer_module_outputs(graph)
     position = {node: index for index, node in enumerate(graph.nodes)}
     for node in list(graph.nodes):
-        kind = _relu_call_kind(node, modules)
-        if kind is None:
+        call = _activation_call(node, modules)
+        if call is None:
             continue
-        source = _relu_input(node)
-        in_place = kind == "inplace" and _mutation_is_safe(source, node, modules, position)
+        kind, function, args, kwargs, inplace = call
+        source = _call_input(node)
+        if function is None:
+            with graph.inserting_before(node):
+                module_node = graph.get_attr(node.target)
         with graph.inserting_after(node):
-            replacement = graph.call_function(rule_relu_ if in_place else rule_relu, (source,))
+            if kind == "relu" and not kwargs and len(args) == 1:
+                safe = inplace and _mutation_is_safe(source, node, modules, position)
+                replacement = graph.call_function(rule_relu_ if safe else rule_relu, (source,))
+            elif function is None:
+                replacement = graph.call_function(rule_module_activation, (module_node, source))
+            else:
+                replacement = graph.call_function(rule_activation, (kind, function, *args), kwargs)
         position[replacement] = position[node]
         node.replace_all_uses_with(replacement)
-        if kind == "inplace":
+        if inplace:
             for reader in list(source.users):
                 if position.get(reader, -1) > position[node]:
                     reader.replace_input_with(source, replacement)
@@ -140,3 +180,32 @@ def trace_rule_model(model: nn.Module) -> torch.fx.GraphModule:
     graph.lint()
     graph_module.recompile()
     return graph_module
+
+
+def _offer_module_outputs(graph: torch.fx.Graph) -> None:
+    """After each module call's output node, an :func:`offer` naming every module that call ends.
+
+    fx records on each node the stack of module calls it ran in (``nn_module_stack``, one key per
+    call, so a module called twice has two scopes); a call's output is its last node read from
+    outside the scope. Nodes outside any module (the model's own forward) are never offered: the
+    root is not a layer.
+    """
+    scopes: dict[str, tuple[str, list[torch.fx.Node]]] = {}
+    for node in graph.nodes:
+        for key, (name, _type) in node.meta.get("nn_module_stack", {}).items():
+            if name:
+                scopes.setdefault(key, (name, []))[1].append(node)
+    ends: dict[torch.fx.Node, list[str]] = {}
+    for name, members in scopes.values():
+        inside = set(members)
+        outputs = [node for node in members if any(user not in inside for user in node.users)]
+        if outputs:
+            ends.setdefault(outputs[-1], []).append(name)
+    for node, names in ends.items():
+        # Outermost module last: its call ended last.
+        names = tuple(sorted(set(names), key=lambda name: -name.count(".")))
+        readers = list(node.users)
+        with graph.inserting_after(node):
+            offered = graph.call_function(offer, (names, node))
+        for reader in readers:
+            reader.replace_input_with(node, offered)

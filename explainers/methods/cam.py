@@ -11,18 +11,8 @@ from ..errors import InvalidOptionError, UnsupportedModelError
 from ..kernels.forward_record import ForwardRecord
 from ..kernels.rules import BackwardRule
 from ..registry import register
-
-
-def last_conv_layer(model: nn.Module) -> str:
-    """Dotted name of the model's last ``nn.Conv2d`` in definition order.
-
-    Raises:
-        UnsupportedModelError: the model has no 2-D convolution.
-    """
-    names = [name for name, module in model.named_modules() if isinstance(module, nn.Conv2d)]
-    if not names:
-        raise UnsupportedModelError("Grad-CAM needs a convolutional layer and the model has no nn.Conv2d")
-    return names[-1]
+from .feature_maps import as_feature_map, check_layout, default_layer
+from .gradients import require_rule_sites
 
 
 def upsample_to(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -34,25 +24,48 @@ class GradCam(GradientRuleExplainer):
     """Grad-CAM (Selvaraju et al. 2017): ``ReLU(Σ_k mean(dS/dA_k) · A_k)``, upsampled bilinearly.
 
     Options:
-        layer: dotted module name of the layer to explain; default the last ``nn.Conv2d``.
+        layer: dotted name of any module (a container, a block, an activation: ``layer4``,
+            ``layer4.1``, ``features.8.2``); default: the last feature map with spatial extent the
+            prediction depends on (see ``feature_maps.default_layer``).
+        reshape: how the layer's output is a feature map: ``auto`` (default), ``nchw``, ``nhwc``
+            (channels-last, Swin) or ``tokens`` (a transformer's ``[B, N, D]`` sequence).
+        prefix_tokens: class/distillation tokens before a token sequence's patch grid (default:
+            the fewest that leave a grid in the input's proportions).
     """
 
-    def __init__(self, model: nn.Module, *, layer: str | None = None):
+    def __init__(self, model: nn.Module, *, layer: str | None = None, reshape: str = "auto",
+                 prefix_tokens: int | None = None):
         super().__init__(model)
-        if layer is not None and not isinstance(layer, str):
+        if layer is not None and (not isinstance(layer, str) or not layer):
             raise InvalidOptionError(f"layer must be a module name, got {layer!r}")
-        self.layer = layer if layer is not None else last_conv_layer(model)
+        check_layout(reshape, prefix_tokens)
+        self.layer, self.reshape, self.prefix_tokens = layer, reshape, prefix_tokens
+        self._resolved: str | None = layer
 
-    def layers(self) -> list[str]:
-        return [self.layer]
+    def layers(self, inputs: torch.Tensor) -> list[str]:
+        if self._resolved is None:
+            self._resolved = default_layer(self.model, inputs)
+        return [self._resolved]
+
+    @property
+    def explained_layer(self) -> str | None:
+        return self._resolved
 
     def layer_map(self, record: ForwardRecord, targets: torch.Tensor) -> torch.Tensor:
         """The Grad-CAM map at the layer's own resolution, ``[B, 1, h, w]``."""
-        activation = record.activations[self.layer]
-        if not isinstance(activation, torch.Tensor) or activation.dim() != 4:
-            raise UnsupportedModelError(f"layer {self.layer!r} must output a [B, K, h, w] tensor for Grad-CAM")
-        weights = record.layer_gradient(targets, self.layer).mean(dim=(2, 3), keepdim=True)
-        return torch.relu((weights * activation.detach()).sum(dim=1, keepdim=True))
+        size = tuple(record.inputs.shape[-2:])
+        activation = record.activations[self._resolved]
+        grid = as_feature_map(activation, size, self.reshape, self.prefix_tokens) \
+            if isinstance(activation, torch.Tensor) else None
+        if grid is None:
+            shape = list(activation.shape) if isinstance(activation, torch.Tensor) else type(activation).__name__
+            raise UnsupportedModelError(
+                f"layer {self._resolved!r} outputs {shape}, not a feature map [B, K, h, w], a channels-last map "
+                f"or a token sequence with a patch grid: name another layer, or set reshape/prefix_tokens")
+        gradient = as_feature_map(record.layer_gradient(targets, self._resolved), size, self.reshape,
+                                  self.prefix_tokens)
+        weights = gradient.mean(dim=(2, 3), keepdim=True)
+        return torch.relu((weights * grid.detach()).sum(dim=1, keepdim=True))
 
     def attribute_from_record(self, record: ForwardRecord, targets: torch.Tensor) -> torch.Tensor:
         return upsample_to(self.layer_map(record, targets), record.inputs.shape[-2:])
@@ -62,9 +75,12 @@ class GradCam(GradientRuleExplainer):
 class GuidedGradCam(GradCam):
     """Guided Grad-CAM: our guided backprop times the bilinearly upsampled Grad-CAM map."""
 
+    applies_rules = True
+
     def cost(self, height: int, width: int) -> Cost:
         return Cost(evaluations=0, backward_passes=2, rows_per_forward=1)
 
     def attribute_from_record(self, record: ForwardRecord, targets: torch.Tensor) -> torch.Tensor:
+        require_rule_sites(record, self.name)
         cam = super().attribute_from_record(record, targets)
         return record.input_gradient(targets, BackwardRule.GUIDED) * cam

@@ -12,11 +12,16 @@ from torch import nn
 from ..base import Cost, Explainer
 from ..errors import InvalidOptionError
 from ..options import fraction, number, optional_positive_int, positive_int
+from ..outputs import logits_of
 from ..registry import register
 
 
 class CaptumExplainer(Explainer):
     """Adapter: a subclass builds its Captum attribution object and the ``attribute()`` keywords."""
+
+    def logits(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The forward function Captum calls: the model's logits, whatever wraps them."""
+        return logits_of(self.model(inputs))
 
     def captum_method(self):
         raise NotImplementedError
@@ -52,7 +57,7 @@ class SmoothGradExplainer(CaptumExplainer):
                     evaluations_option="samples", batch_option="batch_size")
 
     def attribute(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        tunnel = NoiseTunnel(Saliency(self.model))
+        tunnel = NoiseTunnel(Saliency(self.logits))
         rows = []
         # Captum takes one noise level per input tensor; each row gets its own from its range.
         for row, target in zip(inputs.split(1), targets.split(1)):
@@ -97,7 +102,7 @@ class OcclusionExplainer(CaptumExplainer):
                     evaluations_option="window", batch_option="perturbations_per_eval")
 
     def captum_method(self):
-        return Occlusion(self.model)
+        return Occlusion(self.logits)
 
     def captum_arguments(self, inputs):
         channels, height, width = inputs.shape[1:]

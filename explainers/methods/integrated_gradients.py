@@ -33,7 +33,9 @@ from ..base import Cost, Explainer
 from ..errors import InvalidOptionError
 from ..kernels.batchnorm import eval_batch_norm
 from ..kernels.rule_models import rule_model_for
+from ..kernels.capture import offer
 from ..options import number, optional_positive_int, positive_int
+from ..outputs import logits_of
 from ..registry import register
 
 MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
@@ -104,7 +106,7 @@ class IntegratedGradientsExplainer(Explainer):
             if channels_last:
                 points = points.contiguous(memory_format=torch.channels_last)
             points.requires_grad_(True)
-            logits = rest(points)
+            logits = logits_of(rest(points))
             score = logits.gather(1, targets.repeat(len(chunk_alphas)).view(-1, 1)).sum()
             (gradient,) = torch.autograd.grad(score, points)
             del logits, score, points  # this chunk's graph goes before the next one is built
@@ -185,6 +187,11 @@ def _build_split(traced: torch.fx.GraphModule):
     prefix_nodes = {last}
     while len(last.users) == 1:
         (user,) = last.users
+        if user.op == "call_function" and user.target is offer:
+            # A layer capture, the identity while nothing captures (integrated gradients never does).
+            prefix_nodes.add(user)
+            last = user
+            continue
         layer = _affine_layer(user, last, modules)
         if layer is None:
             break

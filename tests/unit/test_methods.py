@@ -93,7 +93,8 @@ def test_grad_cam_equals_captum_upsampled_bilinearly(batch, layer):
     targets = torch.tensor([2, 0, 1])
     options = {} if layer is None else {"layer": layer}
     ours = explainers.create("grad_cam", model, **options).explain(batch, target=targets).attributions
-    module = model.get_submodule(layer or "block2.conv2")  # the last Conv2d by default
+    # By default the last feature map the output depends on: the last residual block's output.
+    module = model.get_submodule(layer or "block2")
     theirs = LayerGradCam(model, module).attribute(batch, target=targets, relu_attributions=True)
     theirs = LayerAttribution.interpolate(theirs, (16, 16), interpolate_mode="bilinear")
     assert ours.shape == (3, 1, 16, 16)
@@ -103,7 +104,7 @@ def test_grad_cam_equals_captum_upsampled_bilinearly(batch, layer):
 def test_guided_grad_cam_equals_captum(batch):
     model = seeded(ModuleReluNet())
     targets = torch.tensor([0, 3, 1])
-    ours = explainers.create("guided_grad_cam", model).explain(batch, target=targets).attributions
+    ours = explainers.create("guided_grad_cam", model, layer="features.5").explain(batch, target=targets).attributions
     theirs = GuidedGradCam(model, model.features[5]).attribute(batch.clone(), target=targets, interpolate_mode="bilinear")
     assert_close(ours, theirs)
 
@@ -129,14 +130,19 @@ def test_closed_forms_on_a_linear_model():
     torch.testing.assert_close(explain("integrated_gradients", n_steps=8, baseline=0.5), w * (x - 0.5))
     # A 1x1 window at stride 1 removes exactly one pixel's contribution w·x.
     torch.testing.assert_close(explain("occlusion", window=1, stride=1), w * x)
-    # No ReLU anywhere: guided backprop and deconvnet reduce to the gradient.
-    torch.testing.assert_close(explain("guided_backprop"), w)
-    torch.testing.assert_close(explain("deconvnet"), w)
+    # No activation anywhere: guided backprop and deconvnet would be the plain gradient under their
+    # names, so they refuse the model (HTTP 422) instead.
+    for method in ("guided_backprop", "deconvnet"):
+        with pytest.raises(explainers.errors.UnsupportedModelError, match="plain gradient"):
+            explain(method)
+    with pytest.raises(explainers.errors.UnsupportedModelError, match="spatial extent"):  # no layer either
+        explain("grad_cam")
 
 
 def test_one_forward_serves_every_gradient_rule_method(batch):
     model = seeded(TinyResNet())
-    explainers.predict_and_explain(model, batch, ["saliency"])  # the first call also verifies the trace
+    # The first call also verifies the trace and finds Grad-CAM's default layer, once per model.
+    explainers.predict_and_explain(model, batch, sorted(GRADIENT_RULE_METHODS))
     calls = []
     handle = model.stem.register_forward_hook(lambda *_: calls.append(1))
     try:
