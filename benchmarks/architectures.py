@@ -103,13 +103,20 @@ def run_model(name: str, model: nn.Module, plan: ArchitecturePlan, device: torch
             _synchronize()
             cold_ms = (time.perf_counter() - began) * 1e3
             entry["path"] = _rule_path(model)
+        else:  # every batch size gets its own check: a layer choice can depend on it
+            failures.update(_check("saliency_gbp_grad_cam", cases["saliency_gbp_grad_cam"]))
         failures.update(_check("guided_backprop", cases["guided_backprop"]))
         if "guided_backprop" in failures:  # the combination runs guided backprop too
             failures.setdefault("saliency_gbp_grad_cam", failures["guided_backprop"])
         measured = {case: fn for case, fn in cases.items() if case not in failures}
         log(f"[{name} b{batch}] {', '.join(measured)} ({plan.rounds} rounds)"
             + (f"; failed: {', '.join(failures)}" if failures else ""))
-        times = interleaved(measured, plan.rounds, warmup=1, budget_s=plan.budget_s)
+        try:
+            times = interleaved(measured, plan.rounds, warmup=1, budget_s=plan.budget_s)
+        except Exception as error:  # a case that passed its check and failed in a round
+            entry["batches"][str(batch)] = {"failed": {"rounds": _reason(error)}, "ratios": {
+                goal: {"status": f"failed: {_reason(error)}", "goal": f"<= {target}"} for goal, (_, target) in GOALS.items()}}
+            continue
         batch_entry: dict = {"times_ms": {case: summary_ms(values) for case, values in times.items()}, "ratios": {}}
         for goal, (case, target) in GOALS.items():
             if case in failures:

@@ -83,3 +83,16 @@ def test_a_failing_model_is_reported_per_model_and_the_others_still_run():
     rows = architectures.goal_rows(result)
     assert [row["status"] for row in rows if row["model"] == "missing"] == ["failed: ValueError: no such architecture"]
     assert len([row for row in rows if row["model"] == "relu"]) == 3
+
+
+def test_a_method_failing_at_every_batch_size_is_reported_at_each():
+    # guided backprop runs, Grad-CAM finds no spatial layer: only the combination fails.
+    def build(name, size):
+        return nn.Sequential(nn.Flatten(), nn.Linear(3 * size * size, 4), nn.ReLU(), nn.Linear(4, 3)).eval()
+
+    plan = architectures.ArchitecturePlan(("flat",), (1, 2), 8, rounds=2, budget_s=1)
+    result = architectures.run(plan, torch.device("cpu"), log=lambda message: None, build=build)
+    for batch in ("1", "2"):
+        ratios = result["models"]["flat"]["batches"][batch]["ratios"]
+        assert ratios["saliency_gbp_grad_cam_over_floor"]["status"].startswith("failed: ")
+        assert ratios["guided_backprop_over_floor"]["status"] in ("ok", "short")
