@@ -5,8 +5,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # A released pair: torchvision and timm models run with it. The wheels carry CUDA libraries and run on CPU.
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
+# The runtime image's name; deploy/kubernetes and deploy/kserve reference the same tag (tests check it).
+IMAGE := localhost/torchserve-xai:0.1.0
 
-.PHONY: test test-fast serve view model-store monitor evaluate soak bench bench-quick system-deps clean
+.PHONY: image test test-fast serve view model-store monitor evaluate soak bench bench-quick system-deps clean
 
 VIEW_PORT ?= 8090
 
@@ -70,6 +72,12 @@ bench: $(STAMP)
 bench-quick: $(STAMP)
 	bash deploy/install-system-deps.sh java wrk
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m benchmarks.run --quick
+
+# The runtime image (deploy/container/Containerfile) with podman/buildah; ROOTFS=DIR builds on a
+# debootstrap root filesystem instead of pulling BASE (see deploy/container/build-image.sh).
+image: $(STAMP)
+	bash deploy/install-system-deps.sh image
+	IMAGE=$(IMAGE) PY=$(PY) bash deploy/container/build-image.sh $(if $(ROOTFS),--rootfs $(ROOTFS))
 
 clean:
 	rm -rf $(VENV) model_store/*.mar run

@@ -8,21 +8,41 @@ the request service's requests, and sets each reply's status. All logic lives in
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
 from ts.metrics.metric_type_enum import MetricTypes
 
-from handlers.envelopes import reply_bodies_for, requests_from_instances
-from handlers.model_loading import load_eager_model
+from handlers.envelopes import ENVELOPES, reply_bodies_for, requests_from_instances
+from handlers.model_loading import load_architecture, load_eager_model
 from handlers.torchserve_metrics import TorchServeRecorder
+from explainers.errors import UnsupportedModelError
 from serving.metrics import Metrics
 from serving.replies import internal_error_reply
 from serving.requests import RawRequest
 from serving.service import ExplanationService
 from serving.settings import ServingSettings
+from serving.warmup import WarmUp, warm_up
 
 logger = logging.getLogger(__name__)
+
+
+# KServe's runtime sets this from the InferenceService's protocol, and TorchServe applies it as
+# service_envelope when the server runs with enable_envvars_config=true (as the cluster config does).
+ENVELOPE_VARIABLE = "TS_SERVICE_ENVELOPE"
+
+
+def envelope_in_effect(configured: str | None, environment=os.environ) -> str | None:
+    """The model config's envelope, else the one the environment gives TorchServe.
+
+    One archive then serves both KServe protocols: the same .mar is behind a v1 and a v2
+    InferenceService, and only the pod's environment says which envelope wraps the requests.
+    """
+    if configured:
+        return configured
+    value = environment.get(ENVELOPE_VARIABLE, "").strip()
+    return value if value in ENVELOPES else None
 
 
 def _is_explain_request(headers: dict) -> bool:
@@ -33,6 +53,8 @@ def _is_explain_request(headers: dict) -> bool:
 class ImageExplainerHandler:
     def __init__(self):
         self.service: ExplanationService | None = None
+        self.warm_up: WarmUp | None = None
+        self.envelope: str | None = None
         self.initialized = False
 
     def initialize(self, context) -> None:
@@ -41,12 +63,33 @@ class ImageExplainerHandler:
         gpu_id = properties.get("gpu_id")
         device = torch.device(f"cuda:{gpu_id}" if torch.cuda.is_available() and gpu_id is not None else "cpu")
         manifest = context.manifest["model"]
-        model = load_eager_model(model_dir / manifest["modelFile"], model_dir / manifest["serializedFile"], device)
         settings = ServingSettings.from_mapping((context.model_yaml_config or {}).get("handler", {}), model_dir)
+        model = self._load_model(manifest, settings, model_dir, device)
         recorder = TorchServeRecorder(context.metrics, context.model_name, MetricTypes.COUNTER, MetricTypes.HISTOGRAM)
         self.service = ExplanationService(model, settings, Metrics(recorder))
+        self.envelope = envelope_in_effect(settings.envelope)
+        self.warm_up = warm_up(model, settings)
+        if self.warm_up.ok:
+            logger.info("model %s: %s", context.model_name, self.warm_up.describe())
+        else:
+            # Predictions do not depend on the explained path: keep serving them, and let each
+            # explanation request answer for itself; the cause is logged here once, in full.
+            logger.error("model %s: %s; predictions are served, explanations may fail", context.model_name,
+                         self.warm_up.describe(), exc_info=self.warm_up.error)
         self.initialized = True
-        logger.info("model %s loaded on %s", context.model_name, device)
+        logger.info("model %s loaded on %s (envelope: %s)", context.model_name, device, self.envelope or "none")
+
+    @staticmethod
+    def _load_model(manifest: dict, settings: ServingSettings, model_dir: Path, device: torch.device):
+        """The archive's model: the architecture its settings name, else its model file."""
+        weights = model_dir / manifest["serializedFile"]
+        if settings.architecture is not None:
+            return load_architecture(settings.architecture, settings.num_classes, weights, device)
+        if not manifest.get("modelFile"):
+            raise UnsupportedModelError(
+                "the archive has no model file and its handler settings name no architecture: archive with "
+                "--model-file, or with --torchvision/--timm NAME")
+        return load_eager_model(model_dir / manifest["modelFile"], weights, device)
 
     def handle(self, data, context):
         try:
@@ -61,7 +104,7 @@ class ImageExplainerHandler:
             return [reply.body for _ in data or []]
 
     def _handle(self, data, context):
-        envelope = self.service.settings.envelope
+        envelope = self.envelope
         if envelope:
             return self._handle_instances(envelope, data, context)
         requests = []

@@ -106,7 +106,8 @@ def mar_source(path: Path) -> ModelSource:
         config = yaml.safe_load((root / config_name).read_text()) if config_name else {}
         settings = ServingSettings.from_mapping(config.get("handler", {}), root)
         model = load_eager_model(root / manifest["modelFile"], root / manifest["serializedFile"], torch.device("cpu"))
-        preprocessor = Preprocessor(size=settings.input_size, mean=settings.mean, std=settings.std)
+        preprocessor = Preprocessor(size=settings.input_size, mean=settings.mean, std=settings.std,
+                                    resize=settings.resize, interpolation=settings.interpolation)
         samples = []
         for member in sorted(archive.namelist()):
             if member.startswith("MAR-INF/") or not member.lower().endswith(IMAGE_SUFFIXES):

@@ -41,6 +41,20 @@ from ..registry import register
 MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
 
 
+def quadrature(method: str, n_steps: int) -> tuple[list[float], list[float]]:
+    """``(weights, alphas)`` of the path integral over [0, 1], weights summing to 1.
+
+    Captum's points throughout; its trapezoid weights are ``[1/2, 1, ..., 1, 1/2] / n`` for points
+    spaced ``1/(n-1)``, which sum to ``(n-1)/n`` and lose that share of completeness: here they
+    are ``[1/2, 1, ..., 1, 1/2] / (n-1)``, the trapezoid rule itself.
+    """
+    step_sizes_of, alphas_of = approximation_parameters(method)
+    weights, alphas = list(step_sizes_of(n_steps)), list(alphas_of(n_steps))
+    if method == "riemann_trapezoid":
+        weights = [weight * n_steps / (n_steps - 1) for weight in weights]
+    return weights, alphas
+
+
 @register("integrated_gradients")
 class IntegratedGradientsExplainer(Explainer):
     """Integrated Gradients (Sundararajan et al. 2017) from a constant baseline.
@@ -69,6 +83,8 @@ class IntegratedGradientsExplainer(Explainer):
         self.internal_batch_size = optional_positive_int("internal_batch_size", internal_batch_size)
         if method not in self.METHODS:
             raise InvalidOptionError(f"method must be one of {list(self.METHODS)}, got {method!r}")
+        if method == "riemann_trapezoid" and self.n_steps < 2:
+            raise InvalidOptionError("the trapezoid rule needs n_steps >= 2 (both ends of the path)")
         self.method = method
         if memory_format not in MEMORY_FORMATS:
             raise InvalidOptionError(f"memory_format must be one of {list(MEMORY_FORMATS)}, got {memory_format!r}")
@@ -86,8 +102,7 @@ class IntegratedGradientsExplainer(Explainer):
     def attribute(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         inputs = inputs.detach()
         batch = inputs.shape[0]
-        step_sizes_of, alphas_of = approximation_parameters(self.method)
-        step_sizes, alphas = step_sizes_of(self.n_steps), alphas_of(self.n_steps)
+        step_sizes, alphas = quadrature(self.method, self.n_steps)
         baseline = torch.full_like(inputs, self.baseline)
         prefix, rest = affine_split(self.model, inputs)
         if prefix is not None:

@@ -103,7 +103,9 @@ def test_target_by_index_and_label_and_top_k(service):
         json_request(explain=["saliency"], target=2),
         json_request(explain=["saliency"], explain_top_k=2, top_k=3)])
     assert by_label.body["explanations"]["saliency"]["target"] == {"index": 2, "label": "triangle"}
-    assert by_label.body["explanations"] == by_index.body["explanations"]
+    without_timing = lambda body: {name: {k: v for k, v in entry.items() if k != "latency_ms"}  # noqa: E731
+                                   for name, entry in body["explanations"].items()}
+    assert without_timing(by_label.body) == without_timing(by_index.body)
     entries = top2.body["explanations"]["saliency"]
     ranked = [p["index"] for p in top2.body["predictions"]]
     assert len(top2.body["predictions"]) == 3
@@ -203,3 +205,12 @@ def test_a_class_name_file_holding_one_string_is_rejected(tmp_path):
     (tmp_path / "names.json").write_text('"cat"')
     with pytest.raises(explainers.InvalidOptionError):
         ServingSettings.from_mapping({"input_size": [16, 16], "class_names": "names.json"}, tmp_path)
+
+
+def test_an_explanation_says_what_it_did(service):
+    (reply,) = service.handle([json_request(explain=["guided_backprop", "grad_cam", "saliency"])])
+    explanations = reply.body["explanations"]
+    assert explanations["guided_backprop"]["rule_sites"] == {"relu": 4}  # ModuleReluNet: four nn.ReLU calls
+    assert "rule_sites" not in explanations["saliency"]  # the plain gradient applies no rule
+    assert explanations["grad_cam"]["layer"] == "head.0" and "layer" not in explanations["saliency"]
+    assert all(entry["latency_ms"] >= 0 for entry in explanations.values())
