@@ -184,12 +184,20 @@ def _num_classes(model: nn.Module, size: tuple[int, int]) -> int:
 
 @torch.no_grad()
 def calibrate_batch_norms(model: nn.Module, example: torch.Tensor) -> None:
-    """Batch-norm statistics of a randomly initialised model, set from one train-mode forward.
+    """A randomly initialised model made to behave like a trained one, in two ways.
 
-    Random statistics (mean 0, variance 1) let activations grow or vanish layer after layer; a
-    cumulative average over one noise batch sets them to what the layers see, so logits have a
-    realistic spread and activation masks are mixed, as with trained weights.
+    Layers initialised to zero get small random weights: torchvision zero-initialises ViT's
+    classifier head, and with it no gradient reaches any feature (a trained head is never zero).
+    Batch-norm statistics are set from one train-mode forward: random statistics (mean 0, variance
+    1) let activations grow or vanish layer after layer; a cumulative average over one noise batch
+    sets them to what the layers see, so logits have a realistic spread and activation masks are
+    mixed, as with trained weights.
     """
+    with torch.no_grad():
+        for module in model.modules():
+            weight = getattr(module, "weight", None)
+            if isinstance(module, (nn.Linear, nn.Conv2d)) and weight is not None and not bool(weight.any()):
+                weight.normal_(0.0, 0.02)
     norms = [module for module in model.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return
@@ -197,7 +205,8 @@ def calibrate_batch_norms(model: nn.Module, example: torch.Tensor) -> None:
         norm.reset_running_stats()
         norm.momentum = None
     model.train()
-    model(example)
+    with torch.no_grad():
+        model(example)
     model.eval()
 
 
