@@ -15,7 +15,7 @@ import torch
 from ts.metrics.metric_type_enum import MetricTypes
 
 from handlers.envelopes import ENVELOPES, reply_bodies_for, requests_from_instances
-from handlers.model_loading import load_architecture, load_eager_model
+from handlers.model_loading import load_architecture, load_eager_model, model_class
 from handlers.torchserve_metrics import TorchServeRecorder
 from explainers.errors import UnsupportedModelError
 from serving.metrics import Metrics
@@ -63,8 +63,10 @@ class ImageExplainerHandler:
         gpu_id = properties.get("gpu_id")
         device = torch.device(f"cuda:{gpu_id}" if torch.cuda.is_available() and gpu_id is not None else "cpu")
         manifest = context.manifest["model"]
+        # The model file first: it may register explainers that the settings name.
+        defined = model_class(model_dir / manifest["modelFile"]) if manifest.get("modelFile") else None
         settings = ServingSettings.from_mapping((context.model_yaml_config or {}).get("handler", {}), model_dir)
-        model = self._load_model(manifest, settings, model_dir, device)
+        model = self._load_model(defined, manifest, settings, model_dir, device)
         recorder = TorchServeRecorder(context.metrics, context.model_name, MetricTypes.COUNTER, MetricTypes.HISTOGRAM)
         self.service = ExplanationService(model, settings, Metrics(recorder))
         self.envelope = envelope_in_effect(settings.envelope)
@@ -80,16 +82,17 @@ class ImageExplainerHandler:
         logger.info("model %s loaded on %s (envelope: %s)", context.model_name, device, self.envelope or "none")
 
     @staticmethod
-    def _load_model(manifest: dict, settings: ServingSettings, model_dir: Path, device: torch.device):
+    def _load_model(defined: type | None, manifest: dict, settings: ServingSettings, model_dir: Path,
+                    device: torch.device):
         """The archive's model: the architecture its settings name, else its model file."""
         weights = model_dir / manifest["serializedFile"]
         if settings.architecture is not None:
             return load_architecture(settings.architecture, settings.num_classes, weights, device)
-        if not manifest.get("modelFile"):
+        if defined is None:
             raise UnsupportedModelError(
                 "the archive has no model file and its handler settings name no architecture: archive with "
                 "--model-file, or with --torchvision/--timm NAME")
-        return load_eager_model(model_dir / manifest["modelFile"], weights, device)
+        return load_eager_model(defined, weights, device)
 
     def handle(self, data, context):
         try:

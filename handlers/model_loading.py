@@ -16,14 +16,13 @@ from explainers.errors import UnsupportedModelError
 from serving.settings import parse_architecture
 
 
-def load_eager_model(model_file: Path, state_file: Path, device: torch.device) -> nn.Module:
-    """The one ``nn.Module`` class defined in ``model_file``, built without arguments, with its weights.
+def model_class(model_file: Path) -> type[nn.Module]:
+    """The one ``nn.Module`` class ``model_file`` defines; importing it also runs whatever else the
+    file does, such as registering explainers (load it before the settings that name them).
 
     Raises:
-        UnsupportedModelError: the file defines no or several module classes, or the weights are a
-            TorchScript archive (hooks and our ReLU rules cannot run inside TorchScript).
+        UnsupportedModelError: the file defines no or several module classes.
     """
-    _refuse_torchscript(state_file)
     module_name = f"xai_model_{model_file.stem}"
     spec = importlib.util.spec_from_file_location(module_name, model_file)
     module = importlib.util.module_from_spec(spec)
@@ -34,7 +33,19 @@ def load_eager_model(model_file: Path, state_file: Path, device: torch.device) -
     if len(classes) != 1:
         raise UnsupportedModelError(
             f"{model_file.name} must define exactly one nn.Module class, found {[c.__name__ for c in classes]}")
-    return _with_weights(classes[0](), state_file, device)
+    return classes[0]
+
+
+def load_eager_model(model_file: Path | type[nn.Module], state_file: Path, device: torch.device) -> nn.Module:
+    """The model ``model_file`` defines (or that class itself), built without arguments, with its weights.
+
+    Raises:
+        UnsupportedModelError: the file defines no or several module classes, or the weights are a
+            TorchScript archive (hooks and our activation rules cannot run inside TorchScript).
+    """
+    _refuse_torchscript(state_file)
+    cls = model_file if isinstance(model_file, type) else model_class(model_file)
+    return _with_weights(cls(), state_file, device)
 
 
 def load_architecture(architecture: str, num_classes: int, state_file: Path, device: torch.device) -> nn.Module:
