@@ -84,6 +84,9 @@ class SanitySettings:
         randomisation_steps: cascade steps evaluated (evenly spaced, the last randomises everything).
         deletion_steps: steps of the deletion curve.
         explainer_options: per explainer, options of the check that override the served ones.
+        max_evaluations: model evaluations (rows, forward and backward) one explainer's checks may
+            cost, as its stated :meth:`~explainers.Explainer.cost` predicts; a costlier one is not
+            measured (its entry says why), so a large model's load stays bounded.
     """
 
     max_class_map_similarity: float = 0.85
@@ -92,6 +95,7 @@ class SanitySettings:
     randomisation_steps: int = DEFAULT_RANDOMISATION_STEPS
     deletion_steps: int = DEFAULT_DELETION_STEPS
     explainer_options: Mapping[str, Mapping] = field(default_factory=lambda: dict(REDUCED_CHECK_OPTIONS))
+    max_evaluations: int = 8192
 
     @classmethod
     def from_mapping(cls, section: Mapping | None) -> "SanitySettings":
@@ -123,7 +127,7 @@ class SanitySettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not -1 <= value <= 1:
                 raise InvalidOptionError(f"sanity.{name} must be a correlation in [-1, 1], got {value!r}")
-        for name in ("probe_images", "randomisation_steps", "deletion_steps"):
+        for name in ("probe_images", "randomisation_steps", "deletion_steps", "max_evaluations"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InvalidOptionError(f"sanity.{name} must be a positive integer, got {value!r}")
@@ -310,7 +314,10 @@ def measure(model: nn.Module, explainers: Sequence[str], served_options: Mapping
                           deletion_steps=settings.deletion_steps)
         record = stored_entries.get(name)
         source = "archive"
-        if not (isinstance(record, Mapping) and record.get("fingerprint") == key):
+        fresh = isinstance(record, Mapping) and record.get("fingerprint") == key and (
+            # the cost limit is policy, outside the fingerprint: a refusal under another limit is redone
+            (record.get("error") or {}).get("code") != "sanity_check_too_costly")
+        if not fresh:
             started = time.perf_counter()
             record = _measure_one(model, name, options, inputs, settings, key)
             spent += time.perf_counter() - started
@@ -320,9 +327,31 @@ def measure(model: nn.Module, explainers: Sequence[str], served_options: Mapping
     return SanityReport(entries, settings, probes, spent), document
 
 
+def check_evaluations(model: nn.Module, name: str, options: Mapping, inputs: torch.Tensor,
+                      settings: SanitySettings) -> int:
+    """Model evaluations the checks of ``name`` will cost on ``inputs``: per probe, one per stated
+    evaluation (at least one, the backward of a gradient method) in each of the explainer's runs
+    (top class, least likely class, each evaluated randomisation step), and the deletion curve's."""
+    from explainers.evaluation.randomization import cascade_layers
+    from explainers.evaluation.sanity import evaluated_steps
+    from explainers.registry import create
+
+    height, width = inputs.shape[-2:]
+    per_run = max(1, create(name, model, **options).cost(height, width).evaluations)
+    runs = 2 + len(evaluated_steps(len(cascade_layers(model, inputs[:1])), settings.randomisation_steps))
+    return int(inputs.shape[0]) * (runs * per_run + settings.deletion_steps + 1)
+
+
 def _measure_one(model: nn.Module, name: str, options: Mapping, inputs: torch.Tensor, settings: SanitySettings,
                  key: str) -> dict:
     try:
+        evaluations = check_evaluations(model, name, options, inputs, settings)
+        if evaluations > settings.max_evaluations:
+            return {"fingerprint": key, "options": _jsonable(options),
+                    "error": {"code": "sanity_check_too_costly",
+                              "message": f"the checks of {name} would cost {evaluations} model evaluations, over "
+                                         f"sanity.max_evaluations={settings.max_evaluations}: lower its check options "
+                                         "(sanity.explainer_options) or raise the limit"}}
         scores = sanity_scores(model, name, inputs, options=options, randomisation_steps=settings.randomisation_steps,
                                deletion_steps=settings.deletion_steps)
     except PluginError as error:
