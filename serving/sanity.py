@@ -55,15 +55,26 @@ PROBE_SEED = 20_250_615
 # Sample images are the archive author's own files, but still decoded with a bound (a 8k x 6k photo).
 MAX_SAMPLE_PIXELS = 50_000_000
 
-# The served options of the expensive methods make a check cost hundreds of passes per probe; these
-# keep each check to a few dozen. The verdict is then the one of the method run this way, which for
-# these methods (averages over paths, noise draws and windows) differs from the served one in
-# precision, not in what the map depends on. A model config may override them (sanity.explainer_options).
-REDUCED_CHECK_OPTIONS: Mapping[str, Mapping] = {
-    "integrated_gradients": {"n_steps": 8},
-    "smoothgrad": {"samples": 4},
-    "occlusion": {"stride": 8},
-}
+# The served options of the expensive methods make a check cost hundreds of passes per probe; the
+# check runs them cheaper: at most 8 integration steps, at most 4 noise samples, occlusion windows
+# that do not overlap (stride = window). The verdict is then the one of the method run this way,
+# which for these methods (averages over paths, noise draws and windows) differs from the served
+# one in precision, not in what the map depends on. Never more than the served cost; a model config
+# overrides them per explainer (sanity.explainer_options).
+CHECK_STEPS, CHECK_SAMPLES = 8, 4
+
+
+def reduced_check_options(name: str, served: Mapping) -> dict:
+    """The options explainer ``name`` is checked with by default, from the ones it is served with."""
+    options = dict(served)
+    if name == "integrated_gradients":
+        options["n_steps"] = min(int(served.get("n_steps", 50)), CHECK_STEPS)
+    elif name == "smoothgrad":
+        options["samples"] = min(int(served.get("samples", 16)), CHECK_SAMPLES)
+    elif name == "occlusion":
+        window = served.get("window", 8)
+        options["stride"] = max(int(served.get("stride") or max(1, window // 2)), int(window))
+    return options
 
 
 @dataclass(frozen=True)
@@ -94,7 +105,7 @@ class SanitySettings:
     probe_images: int = 8
     randomisation_steps: int = DEFAULT_RANDOMISATION_STEPS
     deletion_steps: int = DEFAULT_DELETION_STEPS
-    explainer_options: Mapping[str, Mapping] = field(default_factory=lambda: dict(REDUCED_CHECK_OPTIONS))
+    explainer_options: Mapping[str, Mapping] = field(default_factory=dict)
     max_evaluations: int = 8192
 
     @classmethod
@@ -117,7 +128,7 @@ class SanitySettings:
                 raise InvalidOptionError("sanity.explainer_options must map explainer names to option mappings")
             for name in options:
                 explainer_class(name)
-            values["explainer_options"] = {**REDUCED_CHECK_OPTIONS, **{k: dict(v) for k, v in options.items()}}
+            values["explainer_options"] = {name: dict(value) for name, value in options.items()}
         settings = cls(**values)
         settings._check()
         return settings
@@ -135,8 +146,9 @@ class SanitySettings:
             raise InvalidOptionError(f"sanity.probe_images must be at most {MAX_PROBES}, got {self.probe_images}")
 
     def check_options(self, name: str, served: Mapping) -> dict:
-        """The options explainer ``name`` is checked with: the served ones, then the check's overrides."""
-        return {**served, **self.explainer_options.get(name, {})}
+        """The options explainer ``name`` is checked with: the served ones made cheaper
+        (:func:`reduced_check_options`), then the model config's own check options."""
+        return {**reduced_check_options(name, served), **self.explainer_options.get(name, {})}
 
 
 def check_policy(policy: object) -> str:
