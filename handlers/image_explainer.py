@@ -16,14 +16,16 @@ import torch
 from ts.metrics.metric_type_enum import MetricTypes
 
 from handlers.envelopes import ENVELOPES, reply_bodies_for, requests_from_instances
-from handlers.model_loading import load_eager_model
+from handlers.model_loading import load_architecture, load_eager_model, model_class
 from handlers.torchserve_metrics import TorchServeRecorder
+from explainers.errors import UnsupportedModelError
 from serving.metrics import Metrics
 from serving.replies import internal_error_reply
 from serving.requests import RawRequest
 from serving.sanity import load_or_measure
 from serving.service import ExplanationService
 from serving.settings import ServingSettings
+from serving.warmup import WarmUp, warm_up
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +61,7 @@ def _is_explain_request(headers: dict) -> bool:
 class ImageExplainerHandler:
     def __init__(self):
         self.service: ExplanationService | None = None
+        self.warm_up: WarmUp | None = None
         self.envelope: str | None = None
         self.initialized = False
 
@@ -68,15 +71,39 @@ class ImageExplainerHandler:
         gpu_id = properties.get("gpu_id")
         device = torch.device(f"cuda:{gpu_id}" if torch.cuda.is_available() and gpu_id is not None else "cpu")
         manifest = context.manifest["model"]
-        model = load_eager_model(model_dir / manifest["modelFile"], model_dir / manifest["serializedFile"], device)
+        # The model file first: it may register explainers that the settings name.
+        defined = model_class(model_dir / manifest["modelFile"]) if manifest.get("modelFile") else None
         settings = ServingSettings.from_mapping((context.model_yaml_config or {}).get("handler", {}), model_dir)
+        model = self._load_model(defined, manifest, settings, model_dir, device)
         recorder = TorchServeRecorder(context.metrics, context.model_name, MetricTypes.COUNTER, MetricTypes.HISTOGRAM,
                                       gauge_type=MetricTypes.GAUGE)
+        # Stored in the archive, else measured now (the model's first explanations: a warm-up too).
         sanity = load_or_measure(model, settings, model_dir)
         self.service = ExplanationService(model, settings, Metrics(recorder), sanity=sanity)
         self.envelope = envelope_in_effect(settings.envelope)
+        self.warm_up = warm_up(model, settings)
+        if self.warm_up.ok:
+            logger.info("model %s: %s", context.model_name, self.warm_up.describe())
+        else:
+            # Predictions do not depend on the explained path: keep serving them, and let each
+            # explanation request answer for itself; the cause is logged here once, in full.
+            logger.error("model %s: %s; predictions are served, explanations may fail", context.model_name,
+                         self.warm_up.describe(), exc_info=self.warm_up.error)
         self.initialized = True
         logger.info("model %s loaded on %s (envelope: %s)", context.model_name, device, self.envelope or "none")
+
+    @staticmethod
+    def _load_model(defined: type | None, manifest: dict, settings: ServingSettings, model_dir: Path,
+                    device: torch.device):
+        """The archive's model: the architecture its settings name, else its model file."""
+        weights = model_dir / manifest["serializedFile"]
+        if settings.architecture is not None:
+            return load_architecture(settings.architecture, settings.num_classes, weights, device)
+        if defined is None:
+            raise UnsupportedModelError(
+                "the archive has no model file and its handler settings name no architecture: archive with "
+                "--model-file, or with --torchvision/--timm NAME")
+        return load_eager_model(defined, weights, device)
 
     def handle(self, data, context):
         try:

@@ -40,6 +40,10 @@ class CostCaps:
     max_batch_per_forward: int = 128
     # Side of the grid maps are averaged down to before they leave the server (None: full maps).
     coarse_output: int | None = None
+    # Pixels of a map returned in the image frame ("frame": "image"): an original with more gets its
+    # map, and overlay, at the largest size of the same aspect ratio within this (a 1-megapixel
+    # overlay PNG of a photo is 1-3 MB; at the 16 MP the decoder accepts it would be tens of MB).
+    max_frame_pixels: int = 1_048_576
     # Deletion steps a request's quality score may cost (steps + 1 extra forwards of the image);
     # 0 turns quality scores off for the model.
     max_quality_steps: int = 16

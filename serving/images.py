@@ -37,7 +37,9 @@ from explainers.errors import (
     ResourceExhaustedError,
 )
 
-__all__ = ["SUPPORTED_FORMATS", "Preprocessor", "decode_image", "to_model_input", "unit_image"]
+from .frames import FrameGeometry
+
+__all__ = ["INTERPOLATIONS", "SUPPORTED_FORMATS", "FrameGeometry", "Preprocessor", "decode_image", "to_model_input", "unit_image"]
 
 # Pillow's JPEG opener also reads the multi-picture JPEGs (format "MPO") many cameras write.
 SUPPORTED_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
@@ -113,29 +115,81 @@ def decode_image(
             raise ImageDecodeError(message) from broken
 
 
-class Preprocessor:
-    """Resize and normalise images for one model; size and statistics are validated once, here.
+# Pillow filters by the names model pipelines use (torchvision's InterpolationMode, timm's configs).
+INTERPOLATIONS: dict[str, Image.Resampling] = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "nearest": Image.Resampling.NEAREST,
+}
 
-    Resizing is Pillow's bilinear filter, which widens its support when shrinking (antialiased),
-    as torchvision's ``Resize`` does on Pillow images. Normalisation is ``(p/255 − mean)/std`` in
-    torchvision's order of operations (``ToTensor`` then ``Normalize``), so inputs are bit-identical
-    to a torchvision pipeline's: a fused multiply-add would differ in the last bit and reorder the
-    ties of a coarse map.
+
+class Preprocessor:
+    """Resize, crop and normalise images for one model; every setting is validated once, here.
+
+    Two geometries:
+
+    - ``resize=None``: the image is resized straight to the input size (its aspect ratio is not
+      kept), the whole picture reaches the model.
+    - ``resize=S``: the shorter side is resized to ``S`` (the longer one to ``int(S * long/short)``),
+      then the centre ``size`` crop is taken, as torchvision's ``Resize(S)`` + ``CenterCrop(size)``
+      on Pillow images (the crop offset rounds half to even, like theirs). ``S`` must be at least
+      the larger input side, so the crop never needs padding.
+
+    The filter is Pillow's (``bilinear``, ``bicubic`` or ``nearest``); bilinear and bicubic widen
+    their support when shrinking (antialiased), as torchvision's ``Resize`` does on Pillow images.
+    Normalisation is ``(p/255 − mean)/std`` in torchvision's order of operations (``ToTensor``
+    then ``Normalize``), so inputs are bit-identical to a torchvision pipeline's: a fused
+    multiply-add would differ in the last bit and reorder the ties of a coarse map.
 
     Raises:
-        InvalidOptionError: ``size``, ``mean`` or ``std`` is malformed, or a ``std`` is not > 0.
+        InvalidOptionError: ``size``, ``resize``, ``interpolation``, ``mean`` or ``std`` is
+            malformed, a ``std`` is not > 0, or ``resize`` is smaller than an input side.
     """
 
-    def __init__(self, *, size: tuple[int, int], mean: Sequence[float], std: Sequence[float]):
+    def __init__(self, *, size: tuple[int, int], mean: Sequence[float], std: Sequence[float],
+                 resize: int | None = None, interpolation: str = "bilinear"):
         self.height, self.width = _validated_size(size)
+        if resize is not None:
+            _require_positive_int("resize", resize)
+            if resize < max(self.height, self.width):
+                raise InvalidOptionError(
+                    f"'resize' ({resize}) must be at least the larger input side ({max(self.height, self.width)}): "
+                    "the centre crop is taken from the resized image")
+        if interpolation not in INTERPOLATIONS:
+            raise InvalidOptionError(f"'interpolation' must be one of {', '.join(INTERPOLATIONS)}, got {interpolation!r}")
+        self.resize = resize
+        self._filter = INTERPOLATIONS[interpolation]
         mean_tensor = _channel_values("mean", mean)
         std_tensor = _channel_values("std", std)
         if not bool((std_tensor > 0).all()):
             raise InvalidOptionError(f"'std' must be positive for every channel, got {list(std)}")
         self._mean, self._std = mean_tensor, std_tensor
 
+    def geometry(self, original_size: tuple[int, int]) -> FrameGeometry:
+        """Where the model input lies in an image of ``original_size`` ``(height, width)``."""
+        height, width = original_size
+        if self.resize is None:
+            return FrameGeometry(original_size, (self.height, self.width), (0, 0, self.height, self.width))
+        # torchvision's Resize(int): the shorter side becomes `resize`, the longer one truncates.
+        if height <= width:
+            resized = (self.resize, int(self.resize * width / height))
+        else:
+            resized = (int(self.resize * height / width), self.resize)
+        # torchvision's CenterCrop rounds the offset with Python's round (half to even).
+        top = int(round((resized[0] - self.height) / 2.0))
+        left = int(round((resized[1] - self.width) / 2.0))
+        return FrameGeometry(original_size, resized, (top, left, self.height, self.width))
+
     def pixels(self, image: Image.Image) -> torch.Tensor:
-        """The image at the model's input size as uint8 ``[3, H, W]``.
+        """The model's view of the image as uint8 ``[3, H, W]``.
+
+        Raises:
+            InvalidInputError: ``image`` is not an RGB ``PIL.Image.Image``.
+        """
+        return self.prepare(image)[0]
+
+    def prepare(self, image: Image.Image) -> tuple[torch.Tensor, FrameGeometry]:
+        """uint8 ``[3, H, W]`` pixels of the model input and the geometry that maps them back.
 
         Raises:
             InvalidInputError: ``image`` is not an RGB ``PIL.Image.Image``.
@@ -143,9 +197,20 @@ class Preprocessor:
         if not isinstance(image, Image.Image) or image.mode != "RGB":
             mode = image.mode if isinstance(image, Image.Image) else type(image).__name__
             raise InvalidInputError(f"to_model_input needs an RGB PIL image, got {mode}")
-        if image.size != (self.width, self.height):  # Pillow sizes are (W, H); same size: a copy
-            image = image.resize((self.width, self.height), resample=Image.Resampling.BILINEAR)
-        return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+        geometry = self.geometry((image.height, image.width))
+        if image.size != (self.width, self.height) or self.resize is not None:
+            image = self._resample(image, geometry)
+        return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1), geometry
+
+    def _resample(self, image: Image.Image, geometry: FrameGeometry) -> Image.Image:
+        (resized_height, resized_width), (top, left, height, width) = geometry.resized_size, geometry.crop_box
+        if (resized_height, resized_width) == (image.height, image.width):  # torchvision skips this resize too
+            return image.crop((left, top, left + width, top + height))
+        # The whole image is resized, then cropped: Pillow's `box` (resampling the crop only) is
+        # faster on large photos but rounds its filter taps differently, one level off torchvision
+        # on up to a quarter of the pixels.
+        resized = image.resize((resized_width, resized_height), resample=self._filter)
+        return resized.crop((left, top, left + width, top + height))
 
     def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
         """float32 ``[1, 3, H, W]`` model input from uint8 ``[3, H, W]`` pixels."""

@@ -96,8 +96,12 @@ class SanitySettings:
         deletion_steps: steps of the deletion curve.
         explainer_options: per explainer, options of the check that override the served ones.
         max_evaluations: model evaluations (rows, forward and backward) one explainer's checks may
-            cost, as its stated :meth:`~explainers.Explainer.cost` predicts; a costlier one is not
-            measured (its entry says why), so a large model's load stays bounded.
+            cost, as its stated :meth:`~explainers.Explainer.cost` predicts.
+        max_cpu_seconds: CPU time all the checks measured at one load (or archiving) may cost, as
+            predicted from their evaluations and one timed forward and backward of the probes.
+            Explainers are measured cheapest first; one that would not fit (or over max_evaluations)
+            is not measured and its entry says why, so a large model on a CPU still loads in bounded
+            time (the demo model's nine explainers need about 10 CPU-seconds).
     """
 
     max_class_map_similarity: float = 0.85
@@ -107,6 +111,7 @@ class SanitySettings:
     deletion_steps: int = DEFAULT_DELETION_STEPS
     explainer_options: Mapping[str, Mapping] = field(default_factory=dict)
     max_evaluations: int = 8192
+    max_cpu_seconds: float = 30.0
 
     @classmethod
     def from_mapping(cls, section: Mapping | None) -> "SanitySettings":
@@ -138,6 +143,9 @@ class SanitySettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not -1 <= value <= 1:
                 raise InvalidOptionError(f"sanity.{name} must be a correlation in [-1, 1], got {value!r}")
+        if isinstance(self.max_cpu_seconds, bool) or not isinstance(self.max_cpu_seconds, (int, float)) or not (
+                self.max_cpu_seconds > 0):
+            raise InvalidOptionError(f"sanity.max_cpu_seconds must be a positive number, got {self.max_cpu_seconds!r}")
         for name in ("probe_images", "randomisation_steps", "deletion_steps", "max_evaluations"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -318,24 +326,44 @@ def measure(model: nn.Module, explainers: Sequence[str], served_options: Mapping
     """
     stored_entries = (stored or {}).get("explainers", {}) if (stored or {}).get("version") == SANITY_VERSION else {}
     weights = model_digest(model)
-    entries, document = {}, {"version": SANITY_VERSION, "explainers": {}}
-    spent = 0.0
+    records, sources, options_of, stale = {}, {}, {}, []
     for name in explainers:
-        options = settings.check_options(name, served_options.get(name, {}))
+        options = options_of[name] = settings.check_options(name, served_options.get(name, {}))
         key = fingerprint(weights, name, options, inputs, randomisation_steps=settings.randomisation_steps,
                           deletion_steps=settings.deletion_steps)
         record = stored_entries.get(name)
-        source = "archive"
         fresh = isinstance(record, Mapping) and record.get("fingerprint") == key and (
-            # the cost limit is policy, outside the fingerprint: a refusal under another limit is redone
+            # the cost limits are policy, outside the fingerprint: a refusal under other limits is redone
             (record.get("error") or {}).get("code") != "sanity_check_too_costly")
-        if not fresh:
-            started = time.perf_counter()
-            record = _measure_one(model, name, options, inputs, settings, key)
-            spent += time.perf_counter() - started
-            source = "measured"
-        document["explainers"][name] = record
-        entries[name] = _entry(record, options, settings, source)
+        if fresh:
+            records[name], sources[name] = record, "archive"
+        else:
+            stale.append((name, key))
+    spent = 0.0
+    if stale:
+        started = time.perf_counter()
+        budget = settings.max_cpu_seconds
+        planned = []
+        for name, key in stale:
+            try:
+                evaluations = check_evaluations(model, name, options_of[name], inputs, settings)
+            except Exception as error:  # the explainer cannot even be built: _measure_one says why
+                evaluations = 0
+                logger.debug("cost of %s's checks unknown: %s", name, error)
+            planned.append((evaluations, name, key))
+        row_seconds = _cpu_seconds_per_row(model, inputs)
+        for evaluations, name, key in sorted(planned):
+            predicted = evaluations * row_seconds
+            if evaluations > settings.max_evaluations or predicted > budget:
+                records[name] = _too_costly(name, key, options_of[name], evaluations, predicted, settings)
+            else:
+                used = time.process_time()
+                records[name] = _measure_one(model, name, options_of[name], inputs, settings, key)
+                budget -= time.process_time() - used
+            sources[name] = "measured"
+        spent = time.perf_counter() - started
+    document = {"version": SANITY_VERSION, "explainers": {name: records[name] for name in explainers}}
+    entries = {name: _entry(records[name], options_of[name], settings, sources[name]) for name in explainers}
     return SanityReport(entries, settings, probes, spent), document
 
 
@@ -354,16 +382,40 @@ def check_evaluations(model: nn.Module, name: str, options: Mapping, inputs: tor
     return int(inputs.shape[0]) * (runs * per_run + settings.deletion_steps + 1)
 
 
+def _cpu_seconds_per_row(model: nn.Module, inputs: torch.Tensor) -> float:
+    """CPU time of one forward and backward of the probes, per probe (what one evaluation costs);
+    the second of two passes, so the first call's one-off costs do not count. 0 if it fails (the
+    explainers' own errors then say why)."""
+    from explainers.hygiene import explanation_mode
+    from explainers.outputs import logits_of
+
+    try:
+        with explanation_mode(model):
+            for _ in range(2):
+                used = time.process_time()
+                batch = inputs.detach().clone().requires_grad_(True)
+                logits = logits_of(model(batch))
+                torch.autograd.grad(logits.max(dim=1).values.sum(), batch)
+    except Exception as error:
+        logger.debug("timing a forward and backward of the probes failed: %s", error)
+        return 0.0
+    return (time.process_time() - used) / max(1, int(inputs.shape[0]))
+
+
+def _too_costly(name: str, key: str, options: Mapping, evaluations: int, predicted: float,
+                settings: SanitySettings) -> dict:
+    message = (f"the checks of {name} would cost {evaluations} model evaluations, about {predicted:.0f} CPU-seconds "
+               f"(limits: sanity.max_evaluations={settings.max_evaluations}, sanity.max_cpu_seconds="
+               f"{settings.max_cpu_seconds} for all checks of a load, cheapest first): lower its check options "
+               "(sanity.explainer_options) or raise the limits")
+    logger.warning("sanity checks of %s not measured: %s", name, message)
+    return {"fingerprint": key, "options": _jsonable(options), "error": {"code": "sanity_check_too_costly",
+                                                                         "message": message}}
+
+
 def _measure_one(model: nn.Module, name: str, options: Mapping, inputs: torch.Tensor, settings: SanitySettings,
                  key: str) -> dict:
     try:
-        evaluations = check_evaluations(model, name, options, inputs, settings)
-        if evaluations > settings.max_evaluations:
-            return {"fingerprint": key, "options": _jsonable(options),
-                    "error": {"code": "sanity_check_too_costly",
-                              "message": f"the checks of {name} would cost {evaluations} model evaluations, over "
-                                         f"sanity.max_evaluations={settings.max_evaluations}: lower its check options "
-                                         "(sanity.explainer_options) or raise the limit"}}
         scores = sanity_scores(model, name, inputs, options=options, randomisation_steps=settings.randomisation_steps,
                                deletion_steps=settings.deletion_steps)
     except PluginError as error:
@@ -417,7 +469,9 @@ def load_or_measure(model: nn.Module, serving_settings, model_dir: Path | str | 
     """The report for a model being loaded: stored entries that are still fresh, the rest measured
     now (and written back to ``model_dir/sanity.json`` for the next worker)."""
     settings: SanitySettings = serving_settings.sanity
-    preprocessor = Preprocessor(size=serving_settings.input_size, mean=serving_settings.mean, std=serving_settings.std)
+    # The requests' own preprocessing, so sample photos are resized and cropped as the model expects.
+    preprocessor = Preprocessor(size=serving_settings.input_size, mean=serving_settings.mean, std=serving_settings.std,
+                                resize=serving_settings.resize, interpolation=serving_settings.interpolation)
     inputs, probes = probe_inputs(model_dir, preprocessor, settings, serving_settings.input_size)
     stored_path = Path(model_dir) / SANITY_FILE if model_dir is not None else None
     stored = read_stored(stored_path) if stored_path is not None else None

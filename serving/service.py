@@ -11,10 +11,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
-from explainers import Explainer
+from explainers import Explainer, logits_of
 from explainers.api import build_explainers
 from explainers.errors import (
     CostCapExceededError,
@@ -32,9 +34,10 @@ from explainers.run import ExplanationRun
 from explainers.validation import model_device
 
 from .caps import check_cost
+from .frames import FrameGeometry, ImageFrame
 from .images import Preprocessor, decode_image, unit_image
 from .metrics import Metrics
-from .rendering.encode import JSON_MAX_CELLS, encode_attribution
+from .rendering.encode import JSON_MAX_CELLS, encode_attribution, require_json_frame_size
 from .rendering.options import RenderOptions
 from .replies import Reply, as_plugin_error, error_reply
 from .requests import ExplainRequest, RawRequest, parse_request
@@ -50,6 +53,10 @@ class _Prepared:
     model_input: torch.Tensor  # [1, 3, H, W], normalised
     pixels: torch.Tensor  # uint8 [3, H, W] at the model's input size, for overlays
     render: RenderOptions | None  # None for a predict-only request
+    geometry: FrameGeometry
+    # Maps in the client's image frame, and that image at the frame's size for overlays.
+    image_frame: ImageFrame | None = None
+    frame_image: torch.Tensor | None = None
 
 
 class ExplanationService:
@@ -66,7 +73,8 @@ class ExplanationService:
         if sanity is not None:
             self.metrics.sanity(sanity.gauge_values())
         self.device = model_device(model)
-        self.preprocessor = Preprocessor(size=settings.input_size, mean=settings.mean, std=settings.std)
+        self.preprocessor = Preprocessor(size=settings.input_size, mean=settings.mean, std=settings.std,
+                                         resize=settings.resize, interpolation=settings.interpolation)
         RenderOptions.from_mapping(settings.render, None)  # a bad render default fails the load
 
     # --- the batch ------------------------------------------------------------------------
@@ -110,9 +118,17 @@ class ExplanationService:
             render = self._render_options(request) if request.explainers or request.render_overrides else None
             image = decode_image(request.image_bytes, max_pixels=settings.caps.max_image_pixels)
         with self.metrics.stage("preprocess"):
-            pixels = self.preprocessor.pixels(image)
+            pixels, geometry = self.preprocessor.prepare(image)
             model_input = self.preprocessor.normalise(pixels)
-        return _Prepared(request, model_input, pixels, render)
+            if render is None or render.frame != "image":
+                return _Prepared(request, model_input, pixels, render, geometry)
+            image_frame = ImageFrame(geometry, geometry.image_frame_size(settings.caps.max_frame_pixels))
+            if render.encoding == "json":
+                require_json_frame_size(image_frame.size)
+            frame_image = None
+            if render.encoding == "overlay" and render.overlay_base != "none":
+                frame_image = _image_at(image, image_frame.size)
+        return _Prepared(request, model_input, pixels, render, geometry, image_frame, frame_image)
 
     def _check_explainers(self, request: ExplainRequest) -> None:
         caps, allowed = self.settings.caps, self.settings.allowed
@@ -163,7 +179,8 @@ class ExplanationService:
         render = RenderOptions.from_mapping(self.settings.render, overrides)
         height, width = self.settings.input_size
         cells = render.coarse_size ** 2 if render.coarse_size else height * width
-        if render.encoding == "json" and cells > JSON_MAX_CELLS:
+        # In the image frame the map's size is the image's, known after decoding (checked there).
+        if render.encoding == "json" and render.frame == "input" and cells > JSON_MAX_CELLS:
             raise InvalidOptionError(
                 f"encoding 'json' is for small maps only ({JSON_MAX_CELLS} values); this model's maps have {cells}: use png or npy-f16")
         return render
@@ -191,7 +208,7 @@ class ExplanationService:
         try:
             inputs = items[0].model_input if len(items) == 1 else torch.cat([item.model_input for item in items])
             with self.metrics.stage("inference"), torch.inference_mode():
-                logits = self.model(inputs.to(self.device)).cpu()
+                logits = logits_of(self.model(inputs.to(self.device))).cpu()
         except Exception as error:
             return [self._error_reply(error, "predict") for _ in items]
         predictions = self._predictions(logits, [item.request.top_k for item in items])
@@ -228,7 +245,10 @@ class ExplanationService:
 
     def _explain_with(self, run: ExplanationRun, explainer: Explainer, targets: list[int], item: _Prepared):
         entries = []
-        image = unit_image(item.pixels) if item.render.encoding == "overlay" else None
+        if item.image_frame is not None:
+            image = item.frame_image
+        else:
+            image = unit_image(item.pixels) if item.render.encoding == "overlay" else None
         steps = item.request.quality_steps
         for target in targets:
             # A quality score is part of what the explanation costs, so it is timed with it.
@@ -238,7 +258,8 @@ class ExplanationService:
                 quality = self._quality(run, explanation.attributions, target, steps) if steps else None
             latency_ms = round((time.perf_counter() - started) * 1000, 2)
             with self.metrics.stage("encode"):
-                entry = encode_attribution(explanation.attributions[0].cpu(), options=item.render, image=image)
+                entry = encode_attribution(explanation.attributions[0].cpu(), options=item.render, image=image,
+                                           image_frame=item.image_frame)
             entry = {"target": {"index": target, "label": self.settings.class_names[target]}, **entry,
                      "latency_ms": latency_ms}
             # What the explainer did, so a client can tell a rule method's map from a plain gradient.
@@ -275,3 +296,11 @@ class ExplanationService:
         curve = deletion_curve(self.model, run.inputs, importance_map(attributions), torch.tensor([target]),
                                steps=steps)
         return {"deletion_auc": round(float(curve.auc[0]), 4)}
+
+
+def _image_at(image, size: tuple[int, int]) -> torch.Tensor:
+    """The client's RGB image as float ``[3, H, W]`` in ``[0, 1]`` at ``size`` (a copy when unchanged)."""
+    height, width = size
+    if (image.height, image.width) != (height, width):
+        image = image.resize((width, height), resample=Image.Resampling.BILINEAR)
+    return unit_image(torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1))

@@ -15,6 +15,7 @@ from explainers.registry import available, explainer_class
 
 from .caps import CostCaps
 from .class_names import load_class_names
+from .images import INTERPOLATIONS
 from .sanity import SanitySettings, check_policy
 
 
@@ -24,6 +25,14 @@ class ServingSettings:
     class_names: tuple[str, ...]
     mean: tuple[float, ...] = (0.0, 0.0, 0.0)
     std: tuple[float, ...] = (1.0, 1.0, 1.0)
+    # Shorter image side before the centre crop to input_size (torchvision's Resize + CenterCrop);
+    # None resizes straight to input_size.
+    resize: int | None = None
+    # Pillow filter of the resize: bilinear, bicubic or nearest.
+    interpolation: str = "bilinear"
+    # "torchvision:NAME" or "timm:NAME": the handler builds that architecture (no model file
+    # needed) and loads the archive's state dict into it. None: the archive's model file.
+    architecture: str | None = None
     top_k: int = 3
     default_explainers: tuple[str, ...] = ("guided_backprop",)
     allowed_explainers: tuple[str, ...] = ()
@@ -103,6 +112,9 @@ class ServingSettings:
             raise InvalidOptionError("explainer_options must map explainer names to option mappings")
         for name in self.explainer_options:
             explainer_class(name)
+        self._check_preprocessing()
+        if self.architecture is not None:
+            parse_architecture(self.architecture)
         check_policy(self.sanity_policy)
         if self.envelope not in (None, "kserve", "kservev2"):
             raise InvalidOptionError(f"envelope must be kserve or kservev2 when set, got {self.envelope!r}")
@@ -114,10 +126,40 @@ class ServingSettings:
         if cap and self.quality_steps > cap:
             raise InvalidOptionError(f"quality_steps={self.quality_steps} is over caps.max_quality_steps={cap}")
 
+    def _check_preprocessing(self) -> None:
+        if self.interpolation not in INTERPOLATIONS:
+            raise InvalidOptionError(f"interpolation must be one of {list(INTERPOLATIONS)}, got {self.interpolation!r}")
+        if self.resize is None:
+            return
+        if isinstance(self.resize, bool) or not isinstance(self.resize, int) or self.resize < 1:
+            raise InvalidOptionError(f"resize must be a positive integer (the shorter image side), got {self.resize!r}")
+        if self.resize < max(self.input_size):
+            raise InvalidOptionError(
+                f"resize ({self.resize}) must be at least the larger side of input_size {list(self.input_size)}: "
+                "the centre crop is taken from the resized image")
+
     @property
     def allowed(self) -> tuple[str, ...]:
         """The explainers a request may ask for (all registered ones when not configured)."""
         return self.allowed_explainers or tuple(available())
+
+
+ARCHITECTURE_SOURCES = ("torchvision", "timm")
+
+
+def parse_architecture(spec: object) -> tuple[str, str]:
+    """``"torchvision:resnet50"`` -> ``("torchvision", "resnet50")``.
+
+    Only the form is checked here; whether the library has that model is found when it is built.
+
+    Raises:
+        InvalidOptionError: not ``SOURCE:NAME`` with a known source and a non-empty name.
+    """
+    source, _, name = spec.partition(":") if isinstance(spec, str) else ("", "", "")
+    if source not in ARCHITECTURE_SOURCES or not name.strip() or name != name.strip():
+        raise InvalidOptionError(
+            f"architecture must be 'torchvision:NAME' or 'timm:NAME' (e.g. torchvision:resnet50), got {spec!r}")
+    return source, name
 
 
 def parse_input_size(size: object) -> tuple[int, int]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -24,6 +23,8 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+
+from tools.processes import stop_process_group
 
 
 class PrometheusError(RuntimeError):
@@ -120,18 +121,7 @@ class PrometheusServer:
 
     def stop(self) -> None:
         if self.proc is not None:
-            pgid = self.proc.pid
-            for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
-                try:
-                    os.killpg(pgid, sig)
-                except ProcessLookupError:
-                    break
-                try:
-                    self.proc.wait(timeout=wait)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
-            self.proc.wait(timeout=5)
+            stop_process_group(self.proc, term_wait=10.0)
             self.proc = None
         if getattr(self, "_log", None) is not None:
             self._log.close()

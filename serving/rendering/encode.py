@@ -47,6 +47,14 @@ Pipeline (every step is a pure function of the tensor and ``RenderOptions``):
      ``shape = [h, w]``, for maps of at most ``JSON_MAX_CELLS`` cells.
    ``scale`` is the same display range for every encoding, so a client that colours ``json`` or
    ``npy-f16`` data itself can match the server's images.
+5. **Frame** (``frame``): ``input`` is everything above, at the model's input size. ``image``
+   carries the (possibly coarse) map, and for ``npy-f16`` each raw channel, back to the image the
+   client sent (``serving.frames``: bilinear, or flat cells for a coarse map; 0 outside the centre
+   crop) after the display range was taken from the input-frame map, so ``scale`` is the same in
+   both frames and the area the model never saw shows "no attribution": palette index 0 (128 for
+   ``both``), and the unchanged image under an overlay. ``shape`` is the image's ``[H, W]``
+   (smaller, same aspect ratio, when it has more than ``caps.max_frame_pixels`` pixels), the
+   overlay is blended over the client's image, and the entry says ``"frame": "image"``.
 """
 
 from __future__ import annotations
@@ -61,11 +69,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from serving.frames import ImageFrame
 from serving.rendering.colormaps import colormap_lut
 from explainers.errors import ExplanationFailedError, InvalidInputError, InvalidOptionError
 from serving.rendering.options import Polarity, Reduction, RenderOptions
 
-__all__ = ["JSON_MAX_CELLS", "QuantisedMap", "RenderOptions", "encode_attribution", "quantise_map", "reduce_channels"]
+__all__ = [
+    "JSON_MAX_CELLS", "QuantisedMap", "RenderOptions", "display_range", "encode_attribution", "quantise_map",
+    "reduce_channels", "require_json_frame_size",
+]
 
 # The json encoding spends ~10 bytes per value; beyond a 64x64 map a PNG or npy-f16 is the right tool.
 JSON_MAX_CELLS = 4096
@@ -118,14 +130,24 @@ class QuantisedMap:
     value_at_255: float
 
 
-def quantise_map(signed_map: np.ndarray, *, polarity: Polarity, clip: tuple[float, float]) -> QuantisedMap:
+def display_range(signed_map: np.ndarray, clip: tuple[float, float]) -> tuple[float, float]:
+    """The ``clip`` percentiles of the map's magnitude (step 3 of the module doc)."""
+    lower_value, upper_value = np.percentile(np.abs(signed_map.astype(np.float64)), clip)
+    return float(lower_value), float(upper_value)
+
+
+def quantise_map(signed_map: np.ndarray, *, polarity: Polarity, clip: tuple[float, float],
+                 value_range: tuple[float, float] | None = None) -> QuantisedMap:
     """Clip a signed map to its percentile display range and quantise it to 0..255.
+
+    ``value_range`` gives that range instead (the input-frame map's, for a map carried to the
+    image frame, whose zeros outside the crop must not move the percentiles).
 
     Raises:
         InvalidOptionError: unknown ``polarity``.
     """
     magnitude = np.abs(signed_map.astype(np.float64))
-    lower_value, upper_value = (float(v) for v in np.percentile(magnitude, clip))
+    lower_value, upper_value = value_range if value_range is not None else display_range(signed_map, clip)
     if polarity in ("positive", "negative"):
         span = upper_value - lower_value
         if span > 0:
@@ -145,15 +167,21 @@ def quantise_map(signed_map: np.ndarray, *, polarity: Polarity, clip: tuple[floa
 
 
 def encode_attribution(
-    attribution: torch.Tensor, *, options: RenderOptions, image: torch.Tensor | None = None
+    attribution: torch.Tensor,
+    *,
+    options: RenderOptions,
+    image: torch.Tensor | None = None,
+    image_frame: ImageFrame | None = None,
 ) -> dict[str, Any]:
     """Render one explanation as ``{"encoding", "shape", "data", "scale"}`` (see the module doc).
 
     Args:
         attribution: float tensor ``[C, H, W]`` (any device).
         options: validated rendering options.
-        image: the model's input before normalisation, float ``[3, H, W]`` in ``[0, 1]``; needed by
-            ``overlay`` unless ``overlay_base`` is ``none``.
+        image: the picture under an ``overlay`` (unless ``overlay_base`` is ``none``), float
+            ``[3, H, W]`` in ``[0, 1]``: the model's input before normalisation, or with
+            ``image_frame`` the client's image at ``image_frame.size``.
+        image_frame: where to draw the map when ``options.frame`` is ``image`` (ignored otherwise).
 
     Raises:
         InvalidInputError: ``attribution`` is not a float ``[C, H, W]`` tensor, or ``image`` is
@@ -164,24 +192,37 @@ def encode_attribution(
     """
     raw = _validated_attribution(attribution)
     signed_map = _coarsened(reduce_channels(raw, reduce=options.reduce, polarity=options.polarity), options.coarse_size)
-    quantised = quantise_map(signed_map.numpy(), polarity=options.polarity, clip=options.clip)
+    frame = image_frame if options.frame == "image" else None
+    if frame is None:
+        shown, value_range, overlay_size = signed_map, None, tuple(raw.shape[1:])
+    else:
+        if options.encoding == "json":
+            require_json_frame_size(frame.size)  # before resampling a map that cannot be sent
+        cells = tuple(signed_map.shape) != tuple(raw.shape[1:])
+        shown = frame.carry(signed_map, cells=cells)
+        value_range, overlay_size = display_range(signed_map.numpy(), options.clip), frame.size
+    quantised = quantise_map(shown.numpy(), polarity=options.polarity, clip=options.clip, value_range=value_range)
     scale = {"min": _compact_float(quantised.value_at_0), "max": _compact_float(quantised.value_at_255)}
-    map_shape = list(signed_map.shape)
+    map_shape = list(shown.shape)
 
     if options.encoding == "png":
         payload = {"shape": map_shape, "data": _png_base64(_heatmap_image(quantised.pixels, options))}
     elif options.encoding == "overlay":
-        height, width = raw.shape[1:]
+        height, width = overlay_size
         base = _overlay_base(image, options.overlay_base, (height, width))
         payload = {"shape": [height, width], "data": _png_base64(_overlay_image(quantised, base, options))}
     elif options.encoding == "npy-f16":
-        raw_values = _coarsened(raw, options.coarse_size).numpy()
+        raw_values = _coarsened(raw, options.coarse_size)
+        if frame is not None:
+            raw_values = frame.carry(raw_values, cells=cells)
+        raw_values = raw_values.numpy()
         payload = {"shape": list(raw_values.shape), "dtype": "float16", "data": _npy_f16_base64(raw_values)}
     elif options.encoding == "json":
-        payload = {"shape": map_shape, "data": _json_values(signed_map.numpy())}
+        payload = {"shape": map_shape, "data": _json_values(shown.numpy())}
     else:  # RenderOptions rejects other names; this guards a hand-built instance
         raise InvalidOptionError(f"rendering option 'encoding' is not supported: {options.encoding!r}")
-    return {"encoding": options.encoding, **payload, "scale": scale}
+    framed = {"frame": "image"} if frame is not None else {}
+    return {"encoding": options.encoding, **framed, **payload, "scale": scale}
 
 
 def _validated_attribution(attribution: Any) -> torch.Tensor:
@@ -242,11 +283,11 @@ def _overlay_base(image: torch.Tensor | None, base: str, size: tuple[int, int]) 
 def _overlay_image(quantised: QuantisedMap, base: np.ndarray, options: RenderOptions) -> Image.Image:
     height, width = base.shape[:2]
     grid_height, grid_width = quantised.pixels.shape
-    # nearest-neighbour expansion of a coarse grid; the identity when the grid is full size
-    rows = (np.arange(height) * grid_height) // height
-    columns = (np.arange(width) * grid_width) // width
-    pixels = quantised.pixels[np.ix_(rows, columns)]
-    strength = quantised.strength[np.ix_(rows, columns)]
+    pixels, strength = quantised.pixels, quantised.strength
+    if (grid_height, grid_width) != (height, width):  # nearest-neighbour expansion of a coarse grid
+        rows = (np.arange(height) * grid_height) // height
+        columns = (np.arange(width) * grid_width) // width
+        pixels, strength = pixels[np.ix_(rows, columns)], strength[np.ix_(rows, columns)]
 
     colours = colormap_lut(options.active_colormap, diverging=options.polarity == "both")[pixels].astype(np.float64)
     alpha = (options.overlay_alpha * strength)[..., None]
@@ -273,13 +314,29 @@ def _npy_f16_base64(raw_values: np.ndarray) -> str:
 
 
 def _json_values(signed_map: np.ndarray) -> list[list[float]]:
-    height, width = signed_map.shape
+    _require_json_size(*signed_map.shape)
+    return [[_compact_float(value) for value in row] for row in signed_map.tolist()]
+
+
+def require_json_frame_size(size: tuple[int, int]) -> None:
+    """Refuses ``json`` for a map in the image frame of more than ``JSON_MAX_CELLS`` pixels.
+
+    Raises:
+        InvalidOptionError: naming the image frame's size and what to ask for instead.
+    """
+    height, width = size
+    if height * width > JSON_MAX_CELLS:
+        raise InvalidOptionError(
+            f"rendering option 'encoding': json is for small maps (at most {JSON_MAX_CELLS} values); in the image "
+            f"frame this map is {height}x{width}: use png or npy-f16, or frame 'input' with a coarse_size")
+
+
+def _require_json_size(height: int, width: int) -> None:
     if height * width > JSON_MAX_CELLS:
         raise InvalidOptionError(
             f"rendering option 'encoding': json is for small maps (at most {JSON_MAX_CELLS} cells), this one is "
             f"{height}x{width}; set coarse_size to at most {int(JSON_MAX_CELLS**0.5)} or use png or npy-f16"
         )
-    return [[_compact_float(value) for value in row] for row in signed_map.tolist()]
 
 
 def _compact_float(value: float) -> float:

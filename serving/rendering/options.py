@@ -20,11 +20,13 @@ Encoding = Literal["png", "overlay", "npy-f16", "json"]
 Reduction = Literal["max_abs", "sum", "l2"]
 Polarity = Literal["positive", "negative", "both"]
 OverlayBase = Literal["original", "grayscale", "none"]
+Frame = Literal["input", "image"]
 
 ENCODINGS: tuple[str, ...] = get_args(Encoding)
 REDUCTIONS: tuple[str, ...] = get_args(Reduction)
 POLARITIES: tuple[str, ...] = get_args(Polarity)
 OVERLAY_BASES: tuple[str, ...] = get_args(OverlayBase)
+FRAMES: tuple[str, ...] = get_args(Frame)
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,7 @@ class RenderOptions:
     overlay_base: OverlayBase = "original"
     overlay_alpha: float = 0.5
     coarse_size: int | None = None
+    frame: Frame = "input"
 
     def __post_init__(self) -> None:
         _require_choice("encoding", self.encoding, ENCODINGS)
@@ -66,6 +69,7 @@ class RenderOptions:
         _require_choice("colormap", self.colormap, tuple(SEQUENTIAL_COLORMAPS))
         _require_choice("diverging_colormap", self.diverging_colormap, tuple(DIVERGING_COLORMAPS))
         _require_choice("overlay_base", self.overlay_base, OVERLAY_BASES)
+        _require_choice("frame", self.frame, FRAMES)
         # Frozen: normalise through object.__setattr__, once, so a YAML/JSON list becomes a tuple.
         object.__setattr__(self, "clip", _validated_clip(self.clip))
         object.__setattr__(self, "overlay_alpha", _validated_alpha(self.overlay_alpha))

@@ -36,6 +36,7 @@ from support.reliability_server import (
 )
 from serving.settings import CostCaps
 from tools.demo_server import b64, build_store, running_server, shape_png
+from support.replies import without_timing
 
 CLASSES = ["circle", "square", "triangle", "cross", "star"]
 PNG_TYPE = {"Content-Type": "image/png"}
@@ -331,7 +332,8 @@ CAP_CASES = {
 def test_every_cap_is_covered():
     cost_caps = {spec.name for spec in dataclasses.fields(CostCaps)}
     assert set(CAPS) == cost_caps, "the capped model sets every cap"
-    assert set(CAP_CASES) | {"coarse_output"} == cost_caps | {"allowed_explainers"}
+    # Two caps shape what is returned rather than refuse: each has its own test below.
+    assert set(CAP_CASES) | {"coarse_output", "max_frame_pixels"} == cost_caps | {"allowed_explainers"}
 
 
 @pytest.mark.parametrize("cap", list(CAP_CASES))
@@ -356,6 +358,15 @@ def test_requests_at_the_caps_are_served(server):
         reply = capped(server, **document)
         assert reply.status == 200, reply.text[:500]
         assert "explanation_errors" not in reply.json()
+
+
+def test_frame_pixels_cap_bounds_maps_in_the_image_frame(server):
+    picture = image_bytes(_drawing(200), "PNG")  # 200 x 200: 40,000 pixels against the cap's 2,500
+    reply = capped(server, image=b64(picture), explain=["grad_cam"], encoding="npy-f16", render={"frame": "image"})
+    assert reply.status == 200, reply.text[:300]
+    entry = reply.json()["explanations"]["grad_cam"]
+    assert entry["frame"] == "image"
+    assert np.load(io.BytesIO(base64.b64decode(entry["data"]))).shape[-2:] == (50, 50)
 
 
 def test_coarse_output_cap_keeps_maps_coarse(server):
@@ -383,7 +394,7 @@ def reference_maps(server) -> dict:
     reply = post(server, {"image": b64(shape_png("star")), "explain": ["saliency", "guided_backprop", "grad_cam"],
                           "encoding": "npy-f16", "top_k": 5}, "/predictions/faulty")
     assert reply.status == 200, reply.text[:300]
-    return reply.json()
+    return without_timing(reply.json())
 
 
 FAULTS = [("memory", "backward", "resource_exhausted"), ("allocate", "backward", "resource_exhausted"),

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
 import time
 
 from tools.ports import free_port
+from tools.processes import stop_process_group
 
 
 def find_haproxy() -> str | None:
@@ -116,16 +116,7 @@ backend replicas
 
     def stop(self) -> None:
         if self.proc is not None:
-            for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-                try:
-                    os.killpg(self.proc.pid, sig)
-                except ProcessLookupError:
-                    break
-                try:
-                    self.proc.wait(timeout=wait)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
+            stop_process_group(self.proc, term_wait=5.0)
             self.proc = None
         if getattr(self, "_log", None) is not None:
             self._log.close()

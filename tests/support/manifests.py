@@ -19,6 +19,7 @@ from typing import Any
 import jsonschema
 import kubernetes_validate
 import yaml
+from tools.torchserve import read_properties
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = REPO_ROOT / "deploy"
@@ -125,14 +126,8 @@ def validate(document: dict) -> None:
 # -- what a pod runs ------------------------------------------------------------------------
 
 
-def properties(path: Path) -> dict[str, str]:
-    entries = {}
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line and not line.startswith(("#", "!")) and "=" in line:
-            key, _, value = line.partition("=")
-            entries[key.strip()] = value.strip()
-    return entries
+# Java-properties files read the way TorchServe's launcher reads them (one reader for the project).
+properties = read_properties
 
 
 def port_of(address: str) -> int:

@@ -41,6 +41,7 @@ CAPS = {
     "coarse_output": 8,
     "max_quality_steps": 4,
     "max_evaluations_per_explanation": 32,
+    "max_frame_pixels": 2500,  # maps in the image's frame at most 50 x 50 here
 }
 CAPPED_HANDLER = {
     "allowed_explainers": ["saliency", "grad_cam", "integrated_gradients", "smoothgrad", "occlusion", "costly_probe"],
