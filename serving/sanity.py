@@ -111,7 +111,7 @@ class SanitySettings:
     deletion_steps: int = DEFAULT_DELETION_STEPS
     explainer_options: Mapping[str, Mapping] = field(default_factory=dict)
     max_evaluations: int = 8192
-    max_cpu_seconds: float = 30.0
+    max_cpu_seconds: float = 20.0
 
     @classmethod
     def from_mapping(cls, section: Mapping | None) -> "SanitySettings":
@@ -334,7 +334,8 @@ def measure(model: nn.Module, explainers: Sequence[str], served_options: Mapping
         record = stored_entries.get(name)
         fresh = isinstance(record, Mapping) and record.get("fingerprint") == key and (
             # the cost limits are policy, outside the fingerprint: a refusal under other limits is redone
-            (record.get("error") or {}).get("code") != "sanity_check_too_costly")
+            (record.get("error") or {}).get("code") != "sanity_check_too_costly"
+            or record.get("limits") == _limits(settings))
         if fresh:
             records[name], sources[name] = record, "archive"
         else:
@@ -409,8 +410,12 @@ def _too_costly(name: str, key: str, options: Mapping, evaluations: int, predict
                f"{settings.max_cpu_seconds} for all checks of a load, cheapest first): lower its check options "
                "(sanity.explainer_options) or raise the limits")
     logger.warning("sanity checks of %s not measured: %s", name, message)
-    return {"fingerprint": key, "options": _jsonable(options), "error": {"code": "sanity_check_too_costly",
-                                                                         "message": message}}
+    return {"fingerprint": key, "options": _jsonable(options), "limits": _limits(settings),
+            "error": {"code": "sanity_check_too_costly", "message": message}}
+
+
+def _limits(settings: SanitySettings) -> dict:
+    return {"max_evaluations": settings.max_evaluations, "max_cpu_seconds": float(settings.max_cpu_seconds)}
 
 
 def _measure_one(model: nn.Module, name: str, options: Mapping, inputs: torch.Tensor, settings: SanitySettings,

@@ -208,10 +208,14 @@ def test_an_explainer_that_cannot_run_or_costs_too_much_gets_an_error_entry_not_
     assert occlusion["sanity"] is None and occlusion["error"]["code"] == "sanity_check_too_costly"
     assert report.verdicts("occlusion") is None and report.failed_checks("occlusion") == ()
     # a CPU-time limit smaller than any check: nothing is measured, every entry says why
-    starved, _ = measure(model, ["saliency", "grad_cam"], {}, inputs,
-                         SanitySettings(randomisation_steps=1, deletion_steps=2, max_cpu_seconds=1e-9))
+    starving = SanitySettings(randomisation_steps=1, deletion_steps=2, max_cpu_seconds=1e-9)
+    starved, document = measure(model, ["saliency", "grad_cam"], {}, inputs, starving)
     assert {entry.error["code"] for entry in starved.explainers.values()} == {"sanity_check_too_costly"}
     assert "CPU-seconds" in starved.explainers["saliency"].error["message"]
+    # stored, the refusal stands under the same limits and is measured again under others
+    assert {e.source for e in measure(model, ["saliency"], {}, inputs, starving, document)[0].explainers.values()} == {
+        "archive"}
+    assert measure(model, ["saliency"], {}, inputs, settings, document)[0].explainers["saliency"].scores is not None
     # a rule method on a model without any activation cannot explain it
     linear = LinearClassifier(torch.randn(2, 16))
     report, _ = measure(linear, ["saliency", "guided_backprop"], {}, _inputs(), settings)
