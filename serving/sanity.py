@@ -97,11 +97,13 @@ class SanitySettings:
         explainer_options: per explainer, options of the check that override the served ones.
         max_evaluations: model evaluations (rows, forward and backward) one explainer's checks may
             cost, as its stated :meth:`~explainers.Explainer.cost` predicts.
-        max_cpu_seconds: CPU time all the checks measured at one load (or archiving) may cost, as
+        max_cpu_seconds: CPU time all the checks measured when the model is archived may cost, as
             predicted from their evaluations and one timed forward and backward of the probes.
             Explainers are measured cheapest first; one that would not fit (or over max_evaluations)
-            is not measured and its entry says why, so a large model on a CPU still loads in bounded
-            time (the demo model's nine explainers need about 10 CPU-seconds).
+            is not measured and its entry says why (the demo model's nine explainers need about 10
+            CPU-seconds).
+        max_load_cpu_seconds: the same budget for checks measured when a worker loads the model
+            (missing or stale in the archive): smaller, since the worker serves nothing meanwhile.
     """
 
     max_class_map_similarity: float = 0.85
@@ -112,6 +114,7 @@ class SanitySettings:
     explainer_options: Mapping[str, Mapping] = field(default_factory=dict)
     max_evaluations: int = 8192
     max_cpu_seconds: float = 20.0
+    max_load_cpu_seconds: float = 5.0
 
     @classmethod
     def from_mapping(cls, section: Mapping | None) -> "SanitySettings":
@@ -143,9 +146,10 @@ class SanitySettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not -1 <= value <= 1:
                 raise InvalidOptionError(f"sanity.{name} must be a correlation in [-1, 1], got {value!r}")
-        if isinstance(self.max_cpu_seconds, bool) or not isinstance(self.max_cpu_seconds, (int, float)) or not (
-                self.max_cpu_seconds > 0):
-            raise InvalidOptionError(f"sanity.max_cpu_seconds must be a positive number, got {self.max_cpu_seconds!r}")
+        for name in ("max_cpu_seconds", "max_load_cpu_seconds"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise InvalidOptionError(f"sanity.{name} must be a positive number, got {value!r}")
         for name in ("probe_images", "randomisation_steps", "deletion_steps", "max_evaluations"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -317,8 +321,10 @@ def probe_inputs(model_dir: Path | str | None, preprocessor: Preprocessor, setti
 
 
 def measure(model: nn.Module, explainers: Sequence[str], served_options: Mapping[str, Mapping], inputs: torch.Tensor,
-            settings: SanitySettings, stored: Mapping | None = None, probes: str = "generated") -> tuple[SanityReport, dict]:
-    """The report for ``explainers``, reusing ``stored`` entries whose fingerprint still matches.
+            settings: SanitySettings, stored: Mapping | None = None, probes: str = "generated",
+            at_load: bool = False) -> tuple[SanityReport, dict]:
+    """The report for ``explainers``, reusing ``stored`` entries whose fingerprint still matches;
+    the rest measured within ``max_load_cpu_seconds`` (``at_load``) or ``max_cpu_seconds``.
 
     Returns ``(report, document)``: ``document`` is what to store as ``sanity.json``. An explainer
     that cannot explain the model (or fails) gets an error entry instead of verdicts; the rest are
@@ -335,7 +341,7 @@ def measure(model: nn.Module, explainers: Sequence[str], served_options: Mapping
         fresh = isinstance(record, Mapping) and record.get("fingerprint") == key and (
             # the cost limits are policy, outside the fingerprint: a refusal under other limits is redone
             (record.get("error") or {}).get("code") != "sanity_check_too_costly"
-            or record.get("limits") == _limits(settings))
+            or record.get("limits") == _limits(settings, at_load))
         if fresh:
             records[name], sources[name] = record, "archive"
         else:
@@ -343,7 +349,7 @@ def measure(model: nn.Module, explainers: Sequence[str], served_options: Mapping
     spent = 0.0
     if stale:
         started = time.perf_counter()
-        budget = settings.max_cpu_seconds
+        budget = settings.max_load_cpu_seconds if at_load else settings.max_cpu_seconds
         planned = []
         for name, key in stale:
             try:
@@ -356,7 +362,7 @@ def measure(model: nn.Module, explainers: Sequence[str], served_options: Mapping
         for evaluations, name, key in sorted(planned):
             predicted = evaluations * row_seconds
             if evaluations > settings.max_evaluations or predicted > budget:
-                records[name] = _too_costly(name, key, options_of[name], evaluations, predicted, settings)
+                records[name] = _too_costly(name, key, options_of[name], evaluations, predicted, settings, at_load)
             else:
                 used = time.process_time()
                 records[name] = _measure_one(model, name, options_of[name], inputs, settings, key)
@@ -404,18 +410,21 @@ def _cpu_seconds_per_row(model: nn.Module, inputs: torch.Tensor) -> float:
 
 
 def _too_costly(name: str, key: str, options: Mapping, evaluations: int, predicted: float,
-                settings: SanitySettings) -> dict:
-    message = (f"the checks of {name} would cost {evaluations} model evaluations, about {predicted:.0f} CPU-seconds "
-               f"(limits: sanity.max_evaluations={settings.max_evaluations}, sanity.max_cpu_seconds="
-               f"{settings.max_cpu_seconds} for all checks of a load, cheapest first): lower its check options "
-               "(sanity.explainer_options) or raise the limits")
+                settings: SanitySettings, at_load: bool) -> dict:
+    limits = _limits(settings, at_load)
+    budget = "max_load_cpu_seconds" if at_load else "max_cpu_seconds"
+    message = (f"the checks of {name} would cost {evaluations} model evaluations, about {predicted:.1f} CPU-seconds "
+               f"(limits: sanity.max_evaluations={settings.max_evaluations}, sanity.{budget}={limits['cpu_seconds']} "
+               "for all checks measured at once, cheapest first): measure them when archiving (tools.archive), "
+               "lower their check options (sanity.explainer_options) or raise the limits")
     logger.warning("sanity checks of %s not measured: %s", name, message)
-    return {"fingerprint": key, "options": _jsonable(options), "limits": _limits(settings),
+    return {"fingerprint": key, "options": _jsonable(options), "limits": limits,
             "error": {"code": "sanity_check_too_costly", "message": message}}
 
 
-def _limits(settings: SanitySettings) -> dict:
-    return {"max_evaluations": settings.max_evaluations, "max_cpu_seconds": float(settings.max_cpu_seconds)}
+def _limits(settings: SanitySettings, at_load: bool) -> dict:
+    budget = settings.max_load_cpu_seconds if at_load else settings.max_cpu_seconds
+    return {"max_evaluations": settings.max_evaluations, "cpu_seconds": float(budget)}
 
 
 def _measure_one(model: nn.Module, name: str, options: Mapping, inputs: torch.Tensor, settings: SanitySettings,
@@ -470,9 +479,11 @@ def write_stored(path: Path | str, document: Mapping) -> bool:
         return False
 
 
-def load_or_measure(model: nn.Module, serving_settings, model_dir: Path | str | None) -> SanityReport:
+def load_or_measure(model: nn.Module, serving_settings, model_dir: Path | str | None,
+                    at_load: bool = True) -> SanityReport:
     """The report for a model being loaded: stored entries that are still fresh, the rest measured
-    now (and written back to ``model_dir/sanity.json`` for the next worker)."""
+    now (and written back to ``model_dir/sanity.json`` for the next worker). ``at_load=False``:
+    archiving, under the larger CPU budget."""
     settings: SanitySettings = serving_settings.sanity
     # The requests' own preprocessing, so sample photos are resized and cropped as the model expects.
     preprocessor = Preprocessor(size=serving_settings.input_size, mean=serving_settings.mean, std=serving_settings.std,
@@ -481,7 +492,7 @@ def load_or_measure(model: nn.Module, serving_settings, model_dir: Path | str | 
     stored_path = Path(model_dir) / SANITY_FILE if model_dir is not None else None
     stored = read_stored(stored_path) if stored_path is not None else None
     report, document = measure(model, serving_settings.allowed, serving_settings.explainer_options, inputs, settings,
-                               stored, probes)
+                               stored, probes, at_load)
     if stored_path is not None and report.measure_seconds > 0:
         write_stored(stored_path, document)
     logger.info("sanity checks: %s (%.1f s measured at load)",

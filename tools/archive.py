@@ -462,7 +462,7 @@ def measure_sanity(model_dir: Path, *, model_file: Path | str | None, serialized
         model = load_eager_model(Path(model_file), Path(serialized_file), torch.device("cpu"))
     else:
         raise InvalidOptionError("sanity checks at archive time need a model file or an architecture")
-    return load_or_measure(model, settings, model_dir)
+    return load_or_measure(model, settings, model_dir, at_load=False)
 
 
 # -- staleness ---------------------------------------------------------------------------------
