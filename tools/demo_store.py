@@ -24,6 +24,7 @@ HANDLER_FILE = REPO_ROOT / "handlers" / "image_explainer.py"
 # seed 0, and the quality report's images), two of each class.
 SAMPLE_SEED = 9_000_017
 SAMPLES_PER_CLASS = 2
+SANITY_SOURCES = (REPO_ROOT / "serving" / "sanity.py", REPO_ROOT / "explainers" / "evaluation" / "sanity.py")
 
 
 def build_demo_store(export_path: Path = REPO_ROOT / "model_store", build_dir: Path = BUILD_DIR,
@@ -33,7 +34,8 @@ def build_demo_store(export_path: Path = REPO_ROOT / "model_store", build_dir: P
     state, names = build_dir / training.STATE_FILE, build_dir / training.INDEX_TO_NAME_FILE
     mar = Path(export_path) / f"{MODEL_NAME}.mar"
     # Only the handler file is copied into the archive; it imports the installed plugin at run time.
-    sources = [MODEL_FILE, CONFIG_FILE, HANDLER_FILE, state, names]
+    # The sanity checks stored in the archive are rebuilt with the code that measures them.
+    sources = [MODEL_FILE, CONFIG_FILE, HANDLER_FILE, state, names, *SANITY_SOURCES]
     if force or mar_is_stale(mar, sources):
         with tempfile.TemporaryDirectory(prefix="demo-samples-") as samples:
             archive_model(MODEL_NAME, model_file=MODEL_FILE, serialized_file=state, handler=HANDLER_FILE,
