@@ -50,10 +50,13 @@ view:
 monitor:
 	bash deploy/monitor.sh
 
-# Explanation quality of every explainer on the demo model (trains it first if needed):
-# reports/quality.{json,md,png}; about 2.5 minutes on two cores.
+# Explanation quality of every explainer on both demo models (trains them first if needed):
+# reports/quality.{json,md,png} (AllConvNet) and reports/quality-maxpool.* (MaxPoolNet), a few
+# minutes on two cores. Any other model: make evaluate EVALUATE_ARGS="--mar path.mar" (or
+# "--torchvision resnet50 --weights w.pt", "--timm convnext_tiny"); see tools/quality_report.py.
+EVALUATE_ARGS ?=
 evaluate: $(STAMP)
-	OMP_WAIT_POLICY=PASSIVE $(PY) -m tools.quality_report --out reports
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m tools.quality_report --out reports $(EVALUATE_ARGS)
 
 # A real TorchServe with the demo model under 3000 mixed requests at concurrency 6: no unexpected
 # 5xx, worker memory growth under 10 % after warm-up (a 300-request version runs in make test).

@@ -65,10 +65,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON output (default: %(default)s)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's own choice)")
     parser.add_argument("--no-e2e", action="store_true", help="skip the TorchServe end-to-end part")
+    parser.add_argument("--no-architectures", action="store_true", help="skip the torchvision architectures part")
+    parser.add_argument("--architectures-only", action="store_true",
+                        help="only the torchvision architectures part (no demo, ResNet-50 shape or end-to-end part)")
+    parser.add_argument("--architectures", nargs="+", metavar="NAME",
+                        help="torchvision models of the architectures part (default: the issue's seven; --quick: three)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     arguments = parser.parse_args(argv)
+    if arguments.architectures_only and arguments.no_architectures:
+        parser.error("--architectures-only and --no-architectures exclude each other")
 
-    from . import e2e, inprocess
+    from . import architectures, e2e, inprocess
     from .models import RESNET50_FILE, demo_model, resnet50
 
     if arguments.threads:
@@ -82,16 +89,22 @@ def main(argv: list[str] | None = None) -> int:
                     "definitions": DEFINITIONS}
     demo, demo_description, demo_file = demo_model()
     selected = plans(mode)
-    models = [("demo", demo.to(device), demo_description, 64, 5, [1, 4], 32 * 4)]
-    if selected["resnet50"] is not None:
+    models = [] if arguments.architectures_only else [("demo", demo.to(device), demo_description, 64, 5, [1, 4], 32 * 4)]
+    if selected["resnet50"] is not None and not arguments.architectures_only:
         models.append(("resnet50", resnet50().to(device), "ResNet-50 shape (benchmarks.models.ResNet50, seeded random weights)",
                        224, 1000, [1, 4], 16))
     for name, model, description, size, classes, batches, ig_batch in models:
         result = inprocess.run_model(name, model, size, classes, batches, selected[name], ig_batch, log=log)
         report["models"][name] = {"description": description, **result}
 
-    if arguments.no_e2e or arguments.smoke:
-        report["end_to_end"] = {"skipped": "--no-e2e" if arguments.no_e2e else "smoke mode"}
+    if arguments.no_architectures:
+        report["architectures"] = {"skipped": "--no-architectures"}
+    else:
+        report["architectures"] = architectures.run(architectures.plan_for(mode, arguments.architectures), device, log=log)
+
+    if arguments.no_e2e or arguments.smoke or arguments.architectures_only:
+        report["end_to_end"] = {"skipped": "--no-e2e" if arguments.no_e2e else "smoke mode" if arguments.smoke
+                                else "--architectures-only"}
     else:
         quick = mode == "quick"
         report["end_to_end"] = guarded(e2e.run, demo.cpu(), demo_file, 64, [f"class{i}" for i in range(5)],
@@ -129,6 +142,11 @@ DEFINITIONS = {
               "process's CPU time (a cross-check on a shared machine)",
     "integrated_gradients": "ours via predict_and_explain (its prediction included) vs captum IntegratedGradients, "
                             "riemann_middle, same n_steps and internal_batch_size; speedup = captum / ours",
+    "architectures": "torchvision models with seeded random weights (batch norms calibrated on noise); floor: "
+                     "torch.autograd.grad(model(x).gather(1, top1).sum(), x) on the model itself; guided_backprop and "
+                     "saliency_gbp_grad_cam: one predict_and_explain call; ratios to the floor, interleaved rounds; "
+                     "model_load_warmup_ms: the first predict_and_explain(saliency, guided_backprop, grad_cam) call on a "
+                     "fresh model (builds and checks its rule model) minus the median warm call",
     "peak_memory": "peak of tensor memory allocated during one call (profiler allocator events on CPU)",
 }
 
@@ -153,6 +171,10 @@ def goal_table(report: dict) -> list[dict]:
                 rows.append({"model": model_name, "batch": int(batch), "goal": "integrated_gradients_peak_memory_mib",
                              "value": memory["ours"], "p25": None, "p75": None, "target": f"<= captum {memory['captum']}",
                              "status": memory["status"], "numerator_median_ms": None, "denominator_median_ms": None})
+    if "models" in report.get("architectures", {}):
+        from .architectures import goal_rows
+
+        rows += goal_rows(report["architectures"])
     for key, label in (("end_to_end", "demo (TorchServe)"), ("end_to_end_resnet50_predict", "resnet50 (TorchServe)")):
         goal = report.get(key, {}).get("summary", {}).get("goal_predict_throughput_ours_over_minimal")
         if goal:
@@ -173,8 +195,9 @@ def render(report: dict) -> str:
         spread = f"[{row['p25']}, {row['p75']}]" if row["p25"] is not None else ""
         fmt = lambda v: f"{v:9.1f}" if isinstance(v, (int, float)) else f"{'':>9}"  # noqa: E731
         cpu = row.get("cpu_time_ratio")
+        value = row["value"] if row["value"] is not None else "-"
         lines.append(f"{row['model']:<22}{row['batch'] if row['batch'] is not None else '':>2}  {row['goal']:<50}"
-                     f"{row['value']:>7}  {spread:<16}{cpu if cpu is not None else '':>6}  {row['target']:<18}{row['status']:<7}"
+                     f"{value:>7}  {spread:<16}{cpu if cpu is not None else '':>6}  {row['target']:<18}{row['status']:<7}"
                      f"{fmt(row['numerator_median_ms'])}{fmt(row['denominator_median_ms'])}")
     for model_name, model in report["models"].items():
         for batch, entry in model["batches"].items():

@@ -1,9 +1,11 @@
-"""Trains the demo AllConvNet on freshly generated shapes, on the CPU, in about a minute.
+"""Trains a demo network on freshly generated shapes, on the CPU, in about a minute.
 
-    python -m demo.train --out model_store/build [--seed 0] [--epochs 8]
+    python -m demo.train --out model_store/build [--architecture allconv|maxpool] [--seed 0] [--epochs 8]
 
-Writes allconv_state.pt (state dict), index_to_name.json (TorchServe's label map) and
-training_summary.json (accuracy, time, settings).
+Two architectures, trained the same way: ``allconv`` (AllConvNet, strided convolutions, the served
+demo) and ``maxpool`` (MaxPoolNet, VGG-style with max pooling). Writes ``<architecture>_state.pt``
+(state dict), index_to_name.json (TorchServe's label map) and the training summary
+(training_summary.json for allconv, ``<architecture>_training_summary.json`` otherwise).
 """
 
 from __future__ import annotations
@@ -33,11 +35,32 @@ import torch.nn.functional as F  # noqa: E402
 
 from demo import shapes  # noqa: E402
 from demo.allconv import AllConvNet  # noqa: E402
+from demo.maxpoolnet import MaxPoolNet  # noqa: E402
 from demo.preprocessing import normalize  # noqa: E402
 
-STATE_FILE = "allconv_state.pt"
+ARCHITECTURES: dict[str, type[torch.nn.Module]] = {"allconv": AllConvNet, "maxpool": MaxPoolNet}
+DEFAULT_ARCHITECTURE = "allconv"
 INDEX_TO_NAME_FILE = "index_to_name.json"
 SUMMARY_FILE = "training_summary.json"
+
+
+def state_file(architecture: str = DEFAULT_ARCHITECTURE) -> str:
+    return f"{architecture}_state.pt"
+
+
+STATE_FILE = state_file(DEFAULT_ARCHITECTURE)  # the served demo's weights
+
+
+def summary_file(architecture: str = DEFAULT_ARCHITECTURE) -> str:
+    # The served demo keeps its historical name; the other architectures are named after themselves.
+    return SUMMARY_FILE if architecture == DEFAULT_ARCHITECTURE else f"{architecture}_{SUMMARY_FILE}"
+
+
+def build(architecture: str = DEFAULT_ARCHITECTURE, num_classes: int = len(shapes.CLASS_NAMES)) -> torch.nn.Module:
+    try:
+        return ARCHITECTURES[architecture](num_classes=num_classes)
+    except KeyError:
+        raise ValueError(f"unknown demo architecture {architecture!r}; known: {', '.join(ARCHITECTURES)}") from None
 
 TRAIN_THREADS = 2
 # Held-out data must never overlap the training stream, whatever the training seed.
@@ -56,11 +79,12 @@ class TrainingSettings:
     blur_fraction: float = 0.5
     max_blur_sigma: float = 1.2
     held_out_size: int = 2000
+    architecture: str = DEFAULT_ARCHITECTURE
 
 
 @dataclass(frozen=True)
 class TrainingResult:
-    model: AllConvNet
+    model: torch.nn.Module
     held_out_accuracy: float
     seconds: float
     settings: TrainingSettings
@@ -70,7 +94,7 @@ def train(settings: TrainingSettings = TrainingSettings()) -> TrainingResult:
     """Trains from scratch; the same settings give the same weights on the same machine."""
     started = time.perf_counter()
     with _training_environment(settings.seed):
-        model = AllConvNet(num_classes=len(shapes.CLASS_NAMES))
+        model = build(settings.architecture)
         data_rng = np.random.default_rng(settings.seed)
         blur_generator = torch.Generator().manual_seed(settings.seed)
         total_steps = settings.epochs * settings.steps_per_epoch
@@ -151,17 +175,18 @@ def save(result: TrainingResult, out_dir: Path) -> None:
     }
     # The summary and label map go first and the state last: a reader that sees a fresh state
     # file (the cache's signal) then also sees the matching label map.
-    _write_atomically(out_dir / SUMMARY_FILE, lambda f: f.write(_json_bytes(summary)))
+    architecture = result.settings.architecture
+    _write_atomically(out_dir / summary_file(architecture), lambda f: f.write(_json_bytes(summary)))
     _write_atomically(out_dir / INDEX_TO_NAME_FILE, lambda f: f.write(_json_bytes(index_to_name)))
-    _write_atomically(out_dir / STATE_FILE, lambda f: torch.save(result.model.state_dict(), f))
+    _write_atomically(out_dir / state_file(architecture), lambda f: torch.save(result.model.state_dict(), f))
 
 
-def load(out_dir: Path) -> AllConvNet:
+def load(out_dir: Path, architecture: str = DEFAULT_ARCHITECTURE) -> torch.nn.Module:
     """The trained model from `out_dir`, in eval mode."""
     with open(out_dir / INDEX_TO_NAME_FILE) as f:
         num_classes = len(json.load(f))
-    model = AllConvNet(num_classes=num_classes)
-    model.load_state_dict(torch.load(out_dir / STATE_FILE, map_location="cpu", weights_only=True))
+    model = build(architecture, num_classes)
+    model.load_state_dict(torch.load(out_dir / state_file(architecture), map_location="cpu", weights_only=True))
     return model.eval()
 
 
@@ -201,6 +226,7 @@ def main(argv: list[str] | None = None) -> None:
     defaults = TrainingSettings()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="directory for the state dict and label map")
+    parser.add_argument("--architecture", choices=sorted(ARCHITECTURES), default=defaults.architecture)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--epochs", type=int, default=defaults.epochs)
     parser.add_argument("--steps-per-epoch", type=int, default=defaults.steps_per_epoch)
@@ -213,12 +239,13 @@ def main(argv: list[str] | None = None) -> None:
         steps_per_epoch=args.steps_per_epoch,
         batch_size=args.batch_size,
         held_out_size=args.held_out_size,
+        architecture=args.architecture,
     )
     result = train(settings)
     save(result, args.out)
     print(
         f"held-out accuracy {result.held_out_accuracy:.4f} on {settings.held_out_size} images; "
-        f"trained in {result.seconds:.1f} s; wrote {args.out / STATE_FILE}"
+        f"trained in {result.seconds:.1f} s; wrote {args.out / state_file(settings.architecture)}"
     )
 
 

@@ -1,14 +1,25 @@
-"""``python -m tools.quality_report``: how far to trust each explainer, on the demo model.
+"""``python -m tools.quality_report``: how far to trust each explainer, on the demo models or any model.
 
-Runs every registered explainer (with the options the demo model is served with) on freshly
-generated shapes, and writes ``reports/quality.json``, ``reports/quality.md`` (a table) and
-``reports/quality.png`` (inputs, masks and each method's maps, trained vs randomised model).
+    python -m tools.quality_report [--demo allconv maxpool]      # default: both demo architectures
+    python -m tools.quality_report --mar model_store/mymodel.mar
+    python -m tools.quality_report --torchvision resnet50 [--weights resnet50.pt] [--input-size 224]
+    python -m tools.quality_report --timm convnext_tiny [--weights w.pt]
 
-This is the one module of the evaluation package that knows the demo (dataset, model, config); the
-metrics themselves take any model, inputs and masks.
+Runs every registered explainer (with the options the model is served with) and writes
+``reports/quality[-NAME].json``, ``.md`` (a table) and ``.png`` (inputs, masks and each method's
+maps, trained vs randomised model): ``quality.*`` for the served demo (AllConvNet),
+``quality-maxpool.*`` for the demo's max-pooling network, ``quality-<model name>.*`` otherwise.
 
-Budget (2 CPU cores, under 10 minutes with the demo model's training included): every method sees
-the same images, the expensive ones only the first few of them; see :data:`EXPENSIVE_BUDGETS`.
+The demo models are evaluated on freshly generated shapes with exact object masks; any other model
+on its archive's sample images or generated probes, without masks, so pointing game and mask
+energy are reported as not applicable there (see :mod:`tools.quality_sources`). The metrics
+themselves take any model, inputs and masks.
+
+Budget (2 CPU cores): each demo model takes 2-4 minutes (plus its training, about a minute, the
+first time); every method sees the same images, the expensive ones only the first few of them (see
+:data:`EXPENSIVE_BUDGETS`). Other models get fewer images, deletion steps and cascade steps by
+default (:data:`MODEL_DEFAULTS`), since one forward of an ImageNet model costs what a few hundred
+of the demo's do.
 """
 
 from __future__ import annotations
@@ -19,7 +30,7 @@ import math
 import time
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +47,7 @@ from explainers.evaluation.randomization import randomization_cascade
 from explainers.evaluation.sensitivity import class_map_similarity, image_map_similarity, top_and_least_likely
 from explainers.registry import available, create
 from tools.quality_figure import MethodMaps, quality_grid
+from tools.quality_sources import NO_MASKS, ModelSource, probe_images
 
 # Disjoint from the demo's training stream (seed 0) and its held-out set (seed 1_000_003).
 EVALUATION_SEED = 7_000_001
@@ -44,8 +56,10 @@ DEFAULT_CASCADE_IMAGES = 64
 DEFAULT_STEPS = 32
 DEFAULT_EXAMPLES = 4
 # Blurred this much, the demo's shapes score near chance (measured: mean top-1 probability 0.23
-# with 5 classes), so the insertion curve starts from "no shape evidence".
+# with 5 classes), so the insertion curve starts from "no shape evidence". Other input sizes scale
+# it with the image side (21 px at 224).
 INSERTION_BLUR_SIGMA = 6.0
+INSERTION_BLUR_REFERENCE_SIDE = 64
 # Gradient maps peak on the object's edge; two pixels (3 % of the 64-px image) forgive a maximum
 # just outside the mask.
 POINTING_TOLERANCE = 2.0
@@ -80,6 +94,15 @@ EXPENSIVE_BUDGETS: Mapping[str, Budget] = {
 }
 
 
+# Models other than the demo's (an ImageNet ResNet-50 forward costs what ~300 demo forwards do):
+# 16 images (probes or samples), 16 deletion steps, 4 cascade images over at most 8 cascade steps.
+MODEL_EXPENSIVE_BUDGETS: Mapping[str, Budget] = {
+    "integrated_gradients": Budget(images=4, cascade_images=2),
+    "smoothgrad": Budget(images=4, cascade_images=2),
+    "occlusion": Budget(images=4, cascade_images=1),
+}
+
+
 @dataclass(frozen=True)
 class ReportSettings:
     images: int = DEFAULT_IMAGES
@@ -89,6 +112,8 @@ class ReportSettings:
     examples: int = DEFAULT_EXAMPLES
     methods: tuple[str, ...] = ()  # empty: every registered explainer
     expensive_budgets: Mapping[str, Budget] = field(default_factory=lambda: dict(EXPENSIVE_BUDGETS))
+    # At most this many cascade steps (evenly spaced over the layers, first and last kept); None: every layer.
+    cascade_steps: int | None = None
 
     def budget(self, method: str) -> Budget:
         """The method's budget, never more than the report's own image counts."""
@@ -97,12 +122,16 @@ class ReportSettings:
         return Budget(images, min(budget.cascade_images, self.cascade_images, images))
 
 
+MODEL_DEFAULTS = ReportSettings(images=16, cascade_images=4, steps=16, cascade_steps=8,
+                                expensive_budgets=dict(MODEL_EXPENSIVE_BUDGETS))
+
+
 @dataclass(frozen=True)
 class EvaluationData:
     images: torch.Tensor  # [N, 3, H, W] in [0, 1], as a person sees them
     inputs: torch.Tensor  # [N, 3, H, W] normalised, as the model sees them
-    masks: torch.Tensor  # [N, H, W] bool
-    labels: torch.Tensor  # [N]
+    masks: torch.Tensor | None  # [N, H, W] bool; None: no object masks, localisation not applicable
+    labels: torch.Tensor | None  # [N]; None: the true classes are unknown
     top: torch.Tensor  # [N] the model's top-1 class
     least: torch.Tensor  # [N] the model's least likely class
     deletion_baseline: torch.Tensor
@@ -115,30 +144,51 @@ class MapScores:
 
     deletion: torch.Tensor
     insertion: torch.Tensor
-    pointing: torch.Tensor
-    energy: torch.Tensor
+    pointing: torch.Tensor | None  # None: no masks
+    energy: torch.Tensor | None
     class_similarity: torch.Tensor
     image_similarity: torch.Tensor
     deletion_curve: torch.Tensor  # [N, S + 1]
 
 
-def load_demo(settings: ReportSettings) -> tuple[nn.Module, EvaluationData, Mapping[str, Mapping]]:
-    """The trained demo model, freshly generated shapes, and the demo's served explainer options."""
-    from demo import shapes
-    from demo.model_cache import trained_demo_model
-    from demo.preprocessing import normalize
-    from tools.demo_store import CONFIG_FILE
+def load_data(source: ModelSource, settings: ReportSettings) -> tuple[EvaluationData, str]:
+    """The images to evaluate on, as the model sees them, and where they came from.
 
-    model = trained_demo_model()
-    batch = shapes.generate_torch(settings.images, settings.seed)
-    inputs = normalize(batch.images)
+    Demo models: freshly generated shapes with their masks and labels. Others: the archive's
+    sample images (at most ``settings.images``), else as many probes (:func:`probe_images`).
+    """
+    if source.demo_architecture is not None:
+        from demo import shapes
+
+        batch = shapes.generate_torch(settings.images, settings.seed)
+        images, masks, labels = batch.images, batch.masks, batch.labels
+        origin = f"{settings.images} freshly generated shapes (seed {settings.seed}), exact object masks"
+    elif source.sample_images:
+        chosen = source.sample_images[: settings.images]
+        images = torch.from_numpy(np.stack(chosen)).float() / 255.0
+        masks = labels = None
+        origin = f"{len(chosen)} sample image(s) packed in the archive"
+    else:
+        images = probe_images(settings.images, settings.seed, source.input_size)
+        masks = labels = None
+        origin = (f"{settings.images} probes (seed {settings.seed}): demo shapes at {source.input_size[0]}x"
+                  f"{source.input_size[1]} pasted on uniform noise")
+    mean = torch.tensor(source.mean, dtype=images.dtype).view(1, -1, 1, 1)
+    std = torch.tensor(source.std, dtype=images.dtype).view(1, -1, 1, 1)
+    inputs = (images - mean) / std
     with torch.no_grad():
-        logits = model(inputs)
+        logits = _logits(source.model(inputs))
     top, least = top_and_least_likely(logits)
-    data = EvaluationData(batch.images, inputs, batch.masks, batch.labels, top, least,
-                          constant_baseline(inputs), blurred_baseline(inputs, INSERTION_BLUR_SIGMA))
-    options = yaml.safe_load(CONFIG_FILE.read_text())["handler"].get("explainer_options", {})
-    return model, data, options
+    sigma = INSERTION_BLUR_SIGMA * min(source.input_size) / INSERTION_BLUR_REFERENCE_SIDE
+    data = EvaluationData(images, inputs, masks, labels, top, least, constant_baseline(inputs),
+                          blurred_baseline(inputs, sigma))
+    return data, origin
+
+
+def _logits(output) -> torch.Tensor:
+    from explainers import logits_of
+
+    return logits_of(output)
 
 
 def score_maps(model: nn.Module, data: EvaluationData, importance: torch.Tensor, class_similarity: torch.Tensor,
@@ -149,11 +199,12 @@ def score_maps(model: nn.Module, data: EvaluationData, importance: torch.Tensor,
     inputs, top = data.inputs[rows], data.top[rows]
     deletion = deletion_curve(model, inputs, importance, top, baseline=data.deletion_baseline[rows], steps=steps)
     insertion = insertion_curve(model, inputs, importance, top, baseline=data.insertion_baseline[rows], steps=steps)
+    masks = data.masks[rows] if data.masks is not None else None
     return MapScores(
         deletion=deletion.auc,
         insertion=insertion.auc,
-        pointing=pointing_game(importance, data.masks[rows], POINTING_TOLERANCE),
-        energy=mask_energy(importance, data.masks[rows]),
+        pointing=pointing_game(importance, masks, POINTING_TOLERANCE) if masks is not None else None,
+        energy=mask_energy(importance, masks) if masks is not None else None,
         class_similarity=class_similarity,
         image_similarity=image_similarity,
         deletion_curve=deletion.probabilities,
@@ -174,12 +225,18 @@ def scores_entry(scores: MapScores, randomization: dict) -> dict:
     per_metric = {
         "deletion_auc": summary(scores.deletion),
         "insertion_auc": summary(scores.insertion),
-        "pointing_game": summary(scores.pointing),
-        "mask_energy": summary(scores.energy),
+        "pointing_game": summary(scores.pointing) if scores.pointing is not None else None,
+        "mask_energy": summary(scores.energy) if scores.energy is not None else None,
         "class_map_similarity": summary(scores.class_similarity),
         "image_map_similarity": summary(scores.image_similarity),
     }
+    not_applicable = [name for name, stats in per_metric.items() if stats is None]
+    per_metric = {name: stats for name, stats in per_metric.items() if stats is not None}
     entry = {name: _round(stats["mean"]) for name, stats in per_metric.items()}
+    for name in not_applicable:
+        entry[name] = None
+    if not_applicable:
+        entry["not_applicable"] = not_applicable
     entry["randomization_similarity"] = randomization["summary"]
     entry["stderr"] = {name: _round(stats["stderr"]) for name, stats in per_metric.items()}
     undefined = {name: stats["undefined"] for name, stats in per_metric.items() if stats["undefined"]}
@@ -201,7 +258,8 @@ def evaluate_method(model: nn.Module, data: EvaluationData, method: str, options
     image_similarity = image_map_similarity(explainer, data.inputs[: budget.images], data.top[: budget.images], importance)
     scores = score_maps(model, data, importance, sensitivity.similarity, image_similarity, settings.steps)
     cascade = randomization_cascade(model, method, data.inputs[: budget.cascade_images],
-                                    data.top[: budget.cascade_images], options=options, seed=RANDOMIZATION_SEED)
+                                    data.top[: budget.cascade_images], options=options, seed=RANDOMIZATION_SEED,
+                                    max_steps=settings.cascade_steps)
     per_layer = [summary(row) for row in cascade.similarity]
     signed_per_layer = [summary(row) for row in cascade.signed_similarity]
     means = [stats["mean"] for stats in per_layer if math.isfinite(stats["mean"])]
@@ -244,7 +302,7 @@ def evaluate_references(model: nn.Module, data: EvaluationData, settings: Report
     that scores like it is showing the image, not the decision (Adebayo et al. 2018).
     """
     generator = torch.Generator().manual_seed(settings.seed)
-    shape = data.masks.shape
+    shape = (data.images.shape[0], *data.images.shape[2:])
     random_maps = torch.rand(shape, generator=generator)
 
     def fresh_draw() -> torch.Tensor:
@@ -267,28 +325,37 @@ def _model_free_randomization(similarity: torch.Tensor) -> dict:
     return {"summary": _round(summary(similarity)["mean"]), "model_free": True}
 
 
-def run(settings: ReportSettings, progress=print) -> tuple[dict, Image.Image]:
-    """The report's JSON document and its figure (a PIL image)."""
+def run(settings: ReportSettings, source: ModelSource, progress=print) -> tuple[dict, Image.Image]:
+    """The report's JSON document and its figure (a PIL image) for one model."""
     started = time.perf_counter()
-    model, data, served_options = load_demo(settings)
+    model = source.model
+    data, origin = load_data(source, settings)
     methods = settings.methods or tuple(available())
+    localisation = ({"applicable": True} if data.masks is not None else {"applicable": False, "reason": NO_MASKS})
     document = {
-        "model": "AllConvNet (demo shapes: circle, square, triangle, cross, star), model_store/build/allconv_state.pt",
-        "images": settings.images,
+        "model": source.description,
+        "source": source.name,
+        "input_size": list(source.input_size),
+        "images": len(data.images),
+        "images_from": origin,
         "seed": settings.seed,
-        "accuracy": _round(float((data.top == data.labels).double().mean())),
-        "mask_area": _round(float(data.masks.double().mean())),
+        "accuracy": _round(float((data.top == data.labels).double().mean())) if data.labels is not None else None,
+        "mask_area": _round(float(data.masks.double().mean())) if data.masks is not None else None,
+        "localisation": localisation,
+        "notes": list(source.notes),
         "settings": {
             "steps": settings.steps,
             "channel_reduction": "sum over channels of |attribution| (CAM maps: the map itself)",
-            "deletion_baseline": "constant 0 in model input space (the normalisation mean, mid grey)",
-            "insertion_baseline": f"Gaussian blur, sigma {INSERTION_BLUR_SIGMA} px",
+            "deletion_baseline": "constant 0 in model input space (the normalisation mean)",
+            "insertion_baseline": f"Gaussian blur, sigma "
+                                  f"{INSERTION_BLUR_SIGMA * min(source.input_size) / INSERTION_BLUR_REFERENCE_SIDE:g} px",
             "pointing_tolerance_px": POINTING_TOLERANCE,
             "randomization": "cascading from the top layer; each parameter redrawn from N(mean, std) of the trained tensor",
             "similarity": "Spearman rank correlation of importance maps; a constant map against a varying one scores 0",
             "randomization_similarity": "mean over the cascade steps (per step: mean over images)",
-            "explainer_options": "as served: handler.explainer_options of model_store/shapes/model-config.yaml",
+            "explainer_options": source.options_from,
             "cascade_images": settings.cascade_images,
+            "cascade_steps": settings.cascade_steps or "every layer",
             "expensive_budgets": {name: asdict(budget) for name, budget in settings.expensive_budgets.items()},
         },
         "methods": {},
@@ -299,20 +366,21 @@ def run(settings: ReportSettings, progress=print) -> tuple[dict, Image.Image]:
         # so a report is reproducible and one method's draws do not depend on the others'.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(settings.seed)
-            entry, maps = evaluate_method(model, data, method, served_options.get(method, {}), settings)
+            entry, maps = evaluate_method(model, data, method, source.explainer_options.get(method, {}), settings)
         document["methods"][method] = entry
         rows.append(maps)
-        progress(f"{method}: {entry['seconds']} s on {entry['images']} images")
+        progress(f"{source.name} {method}: {entry['seconds']} s on {entry['images']} images")
     document["references"] = evaluate_references(model, data, settings)
-    from demo.shapes import CLASS_NAMES
-
     # Examples come from the images every method's cascade saw; one per class first.
-    shown = example_indices(data.labels[: min([settings.images, *(len(row.columns[0]) for row in rows)])],
+    classes = data.labels if data.labels is not None else data.top
+    shown = example_indices(classes[: min([len(data.images), *(len(row.columns[0]) for row in rows)])],
                             settings.examples)
+    masks = data.masks if data.masks is not None else torch.zeros(data.images.shape[0], *data.images.shape[2:],
+                                                                   dtype=torch.bool)
     figure = quality_grid(
-        data.images[shown].numpy(), data.masks[shown].numpy(),
+        data.images[shown].numpy(), masks[shown].numpy(),
         [MethodMaps(row.name, [maps[shown] for maps in row.columns]) for row in rows], FIGURE_COLUMNS,
-        captions=[CLASS_NAMES[int(label)] for label in data.labels[shown]])
+        captions=[source.class_names[int(index)][:24] for index in classes[shown]])
     document["seconds"] = round(time.perf_counter() - started, 1)
     return document, figure
 
@@ -330,13 +398,19 @@ def markdown(document: Mapping) -> str:
     arrows = {"lower": "↓", "higher": "↑"}
     shown = (*METRICS, *EXTRA_METRICS)
     header = ["method", "images", *(f"{name} {arrows[BETTER[name]]}" for name in shown)]
+    if document["localisation"]["applicable"]:
+        about_images = (f"{document['images_from']}, top-1 accuracy {document['accuracy']:.3f}; objects cover "
+                        f"{100 * document['mask_area']:.1f} % of the image on average (the chance level of mask energy; "
+                        "the random reference row gives every chance level)")
+    else:
+        about_images = (f"{document['images_from']}; {document['localisation']['reason']} (n/a below); the random "
+                        "reference row gives every chance level")
     lines = [
         "# Explanation quality",
         "",
-        f"Model: {document['model']}; {document['images']} freshly generated images (seed {document['seed']}), "
-        f"top-1 accuracy {document['accuracy']:.3f}; objects cover {100 * document['mask_area']:.1f} % of the "
-        f"image on average (the chance level of mask energy; the random reference row gives every chance level). Written by "
-        f"`python -m tools.quality_report` in {document['seconds']:.0f} s.",
+        f"Model: {document['model']}, input {document['input_size'][0]}x{document['input_size'][1]}; {about_images}. "
+        f"Written by `python -m tools.quality_report` in {document['seconds']:.0f} s.",
+        *(f"\nNote: {note}." for note in document.get("notes", [])),
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
@@ -376,12 +450,18 @@ def markdown(document: Mapping) -> str:
     return "\n".join(lines)
 
 
-def write_report(document: Mapping, figure, out_dir: Path) -> list[Path]:
-    """Writes quality.json, quality.md and quality.png into ``out_dir``; returns their paths."""
+def report_stem(source_name: str) -> str:
+    """``quality`` for the served demo, ``quality-<name>`` for any other model."""
+    safe = "".join(character if character.isalnum() or character in "-_." else "-" for character in source_name)
+    return "quality" if source_name == "demo" else f"quality-{safe}"
+
+
+def write_report(document: Mapping, figure, out_dir: Path, stem: str = "quality") -> list[Path]:
+    """Writes ``<stem>.json``, ``.md`` and ``.png`` into ``out_dir``; returns their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / "quality.json", out_dir / "quality.md", out_dir / "quality.png"]
+    paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md", out_dir / f"{stem}.png"]
     paths[0].write_text(json.dumps(document, indent=2, allow_nan=False) + "\n")
-    paths[1].write_text(markdown(document))
+    paths[1].write_text(markdown(document).replace("](quality.png)", f"]({paths[2].name})"))
     # A 256-colour palette (no dithering) looks the same here and makes the file 2-3 times smaller.
     figure.quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(paths[2], optimize=True)
     return paths
@@ -397,28 +477,79 @@ def _cell(value: float | None) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    defaults = ReportSettings()
-    parser = argparse.ArgumentParser(description="Explanation quality of every registered explainer on the demo model.")
-    parser.add_argument("--out", type=Path, default=Path("reports"), help="directory for quality.{json,md,png}")
-    parser.add_argument("--images", type=int, default=defaults.images)
-    parser.add_argument("--cascade-images", type=int, default=defaults.cascade_images)
-    parser.add_argument("--steps", type=int, default=defaults.steps, help="deletion/insertion steps")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--examples", type=int, default=defaults.examples, help="examples in the figure")
+    from demo.train import ARCHITECTURES
+
+    parser = argparse.ArgumentParser(description="Explanation quality of every registered explainer on the demo models "
+                                                 "or on any archived, torchvision or timm model.")
+    parser.add_argument("--out", type=Path, default=Path("reports"), help="directory for quality[-NAME].{json,md,png}")
+    model = parser.add_mutually_exclusive_group()
+    model.add_argument("--demo", nargs="+", choices=sorted(ARCHITECTURES), metavar="ARCHITECTURE",
+                       help=f"demo architectures ({', '.join(ARCHITECTURES)}; default: all of them)")
+    model.add_argument("--mar", type=Path, help="a model archive: its model, preprocessing, class names and sample images")
+    model.add_argument("--torchvision", metavar="NAME", help="a torchvision classification model by name")
+    model.add_argument("--timm", metavar="NAME", help="a timm model by name")
+    named = parser.add_argument_group("with --torchvision or --timm")
+    named.add_argument("--weights", type=Path, help="state dict (default: random weights, batch norms calibrated on noise)")
+    named.add_argument("--input-size", type=int, nargs="+", metavar="PIXELS", help="height [width] (default: the model's standard)")
+    named.add_argument("--class-names", type=Path, help="JSON list or index_to_name map (sets the number of classes)")
+    parser.add_argument("--images", type=int, help=f"images (default: {DEFAULT_IMAGES} for the demo models, "
+                                                   f"{MODEL_DEFAULTS.images} otherwise)")
+    parser.add_argument("--cascade-images", type=int, help=f"images of the randomisation cascade (default: "
+                                                           f"{DEFAULT_CASCADE_IMAGES} / {MODEL_DEFAULTS.cascade_images})")
+    parser.add_argument("--cascade-steps", type=int, help=f"at most this many cascade steps (default: every layer / "
+                                                          f"{MODEL_DEFAULTS.cascade_steps})")
+    parser.add_argument("--steps", type=int, help=f"deletion/insertion steps (default: {DEFAULT_STEPS} / {MODEL_DEFAULTS.steps})")
+    parser.add_argument("--seed", type=int, default=EVALUATION_SEED)
+    parser.add_argument("--examples", type=int, default=DEFAULT_EXAMPLES, help="examples in the figure")
     parser.add_argument("--methods", nargs="*", default=[], help="explainers to evaluate (default: all)")
     arguments = parser.parse_args(argv)
-    for name in ("images", "cascade_images", "steps", "examples"):
-        if getattr(arguments, name) < 1:
+    for name in ("images", "cascade_images", "cascade_steps", "steps", "examples"):
+        value = getattr(arguments, name)
+        if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be a positive integer")
-    settings = ReportSettings(images=arguments.images, cascade_images=arguments.cascade_images, steps=arguments.steps,
-                              seed=arguments.seed, examples=arguments.examples, methods=tuple(arguments.methods))
-    # Captum warns that integrated gradients' internal batch (32, the served option) is smaller than
-    # the report's batch of images and uses the larger one: a speed detail, not a change of result.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Internal batch size cannot be less than the number of input examples")
-        document, figure = run(settings)
-    for path in write_report(document, figure, arguments.out):
-        print(path)
+    is_named = arguments.torchvision or arguments.timm
+    if not is_named and (arguments.weights or arguments.input_size or arguments.class_names):
+        parser.error("--weights, --input-size and --class-names go with --torchvision or --timm")
+    if arguments.input_size and len(arguments.input_size) > 2:
+        parser.error("--input-size takes a height and an optional width")
+
+    sources = list(_sources(arguments))
+    for source_factory in sources:
+        source = source_factory()
+        defaults = ReportSettings() if source.demo_architecture is not None else MODEL_DEFAULTS
+        chosen = {name: getattr(arguments, name) for name in ("images", "cascade_images", "cascade_steps", "steps")
+                  if getattr(arguments, name) is not None}
+        settings = replace(defaults, seed=arguments.seed, examples=arguments.examples, methods=tuple(arguments.methods),
+                           **chosen)
+        # Captum warns that integrated gradients' internal batch (32, the served option) is smaller than
+        # the report's batch of images and uses the larger one: a speed detail, not a change of result.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Internal batch size cannot be less than the number of input examples")
+            document, figure = run(settings, source)
+        for path in write_report(document, figure, arguments.out, report_stem(source.name)):
+            print(path)
+
+
+def _sources(arguments):
+    """Factories of the sources to evaluate, so each model is built only when its turn comes."""
+    from tools import quality_sources as sources
+
+    class_names = None
+    if arguments.class_names:
+        from serving.class_names import load_class_names
+
+        class_names = load_class_names(arguments.class_names)
+    if arguments.mar:
+        yield lambda: sources.mar_source(arguments.mar)
+    elif arguments.torchvision:
+        yield lambda: sources.torchvision_source(arguments.torchvision, arguments.weights, arguments.input_size, class_names)
+    elif arguments.timm:
+        yield lambda: sources.timm_source(arguments.timm, arguments.weights, arguments.input_size, class_names)
+    else:
+        from demo.train import ARCHITECTURES
+
+        for architecture in arguments.demo or ARCHITECTURES:
+            yield lambda architecture=architecture: sources.demo_source(architecture)
 
 
 if __name__ == "__main__":

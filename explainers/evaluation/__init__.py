@@ -9,7 +9,7 @@ Framework-neutral metrics over any classifier and any registered explainer:
 - the weight-randomisation sanity check: :func:`randomization_cascade`.
 
 Every metric reads one importance map per image, :func:`importance_map` (``Σ_c |a_c|``).
-``python -m tools.quality_report`` runs them all on the demo model.
+``python -m tools.quality_report`` runs them all on the demo models, or on any archived, torchvision or timm model.
 """
 
 from .localisation import mask_energy, pointing_game

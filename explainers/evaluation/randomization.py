@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..errors import InvalidOptionError
 from ..hygiene import explanation_mode
 from ..registry import create
 from ..validation import validate_inputs
@@ -95,29 +96,47 @@ def randomize_layer(model: nn.Module, names: tuple[str, ...], generator: torch.G
 
 
 def randomization_cascade(model: nn.Module, method: str, inputs: torch.Tensor, targets: torch.Tensor, *,
-                          options: Mapping | None = None, seed: int = 0) -> RandomizationCascade:
+                          options: Mapping | None = None, seed: int = 0,
+                          max_steps: int | None = None) -> RandomizationCascade:
     """The cascade for explainer ``method`` (with ``options``) on ``inputs``, explaining ``targets``.
 
     The targets are the trained model's classes (e.g. its top-1) and stay fixed along the cascade:
     the question is whether the map *of that class* survives the loss of the weights.
 
+    ``max_steps``: for deep models (a ResNet-50 has 54 layers), layers are still randomised one by
+    one from the top, but maps are compared only after at most this many of them, evenly spaced,
+    the first and the last included; ``layers`` then names the last layer randomised at each step.
+
     Raises:
-        UnknownExplainerError, InvalidOptionError: as :func:`explainers.create`.
+        UnknownExplainerError, InvalidOptionError: as :func:`explainers.create`; a bad ``max_steps``.
         InvalidInputError, InvalidTargetError: as :meth:`Explainer.explain`.
     """
     options = dict(options or {})
+    if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):
+        raise InvalidOptionError(f"max_steps must be a positive integer or None, got {max_steps!r}")
     inputs = validate_inputs(inputs, model)
     trained = create(method, model, **options).explain(inputs, targets).attributions
     layers = cascade_layers(model, inputs)
+    compared = _compared_steps(len(layers), max_steps)
     randomized = copy.deepcopy(model)
     generator = torch.Generator().manual_seed(seed)
     trained_maps = importance_map(trained)
     similarities, signed_similarities, step_maps = [], [], []
-    for names in layers:
+    for step, names in enumerate(layers):
         randomize_layer(randomized, names, generator)
+        if step not in compared:
+            continue
         attributions = create(method, randomized, **options).explain(inputs, targets).attributions
         step_maps.append(importance_map(attributions))
         similarities.append(rank_similarity(trained_maps, step_maps[-1]))
         signed_similarities.append(rank_similarity(signed_map(trained), signed_map(attributions)))
-    return RandomizationCascade(tuple(names[0] for names in layers), torch.stack(similarities),
+    return RandomizationCascade(tuple(layers[step][0] for step in sorted(compared)), torch.stack(similarities),
                                 torch.stack(signed_similarities), trained_maps, torch.stack(step_maps))
+
+
+def _compared_steps(count: int, max_steps: int | None) -> set[int]:
+    if max_steps is None or count <= max_steps:
+        return set(range(count))
+    if max_steps == 1:
+        return {count - 1}
+    return {round(index * (count - 1) / (max_steps - 1)) for index in range(max_steps)}

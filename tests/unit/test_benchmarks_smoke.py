@@ -1,9 +1,12 @@
 """The benchmark entry point runs and writes its JSON layout (timings are not checked: smoke mode
-runs each case once or twice on the demo model only, in a few seconds)."""
+runs each case once or twice on the demo model and a small torchvision ResNet-18, in seconds)."""
 
 import json
 
-from benchmarks import run
+import torch
+from torch import nn
+
+from benchmarks import architectures, run
 
 
 def test_smoke_run_writes_the_report_layout(tmp_path, capsys):
@@ -27,5 +30,69 @@ def test_smoke_run_writes_the_report_layout(tmp_path, capsys):
         assert ig["speedup"]["status"] in ("ok", "short")
         assert ig["peak_memory_mib"]["ours"] > 0 and ig["peak_memory_mib"]["captum"] > 0
     assert report["end_to_end"] == {"skipped": "smoke mode"}
-    assert {row["goal"] for row in report["goals"]} >= {"ours_gbp_over_floor", "integrated_gradients_peak_memory_mib"}
-    assert "ours_gbp_over_floor" in capsys.readouterr().out
+
+    resnet18 = report["architectures"]["models"]["resnet18"]
+    assert report["architectures"]["input_size"] == [64, 64]
+    ratios = resnet18["batches"]["1"]["ratios"]
+    assert set(ratios) == set(architectures.GOALS)
+    for value in ratios.values():
+        assert value["status"] in ("ok", "short") or value["status"].startswith("failed: ")
+        if not value["status"].startswith("failed"):
+            assert value["ratio"] > 0 and value["denominator_ms"]["median"] > 0
+    assert "warmup_ms" in resnet18["load_warmup_ms"] or resnet18["load_warmup_ms"]["status"].startswith("failed: ")
+
+    goals = {(row["model"], row["goal"]) for row in report["goals"]}
+    assert {("demo", "ours_gbp_over_floor"), ("demo", "integrated_gradients_peak_memory_mib"),
+            ("resnet18", "guided_backprop_over_floor"), ("resnet18", "saliency_gbp_grad_cam_over_floor"),
+            ("resnet18", "model_load_warmup_ms")} <= goals
+    printed = capsys.readouterr().out
+    assert "ours_gbp_over_floor" in printed and "guided_backprop_over_floor" in printed
+
+
+class NoActivation(nn.Module):
+    """Nothing for guided backprop's rule to act on: it must be reported as failed, not timed."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.conv(x).mean((2, 3)))
+
+
+def tiny_relu_net():
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+
+
+def test_a_failing_model_is_reported_per_model_and_the_others_still_run():
+    def build(name, size):
+        if name == "missing":
+            raise ValueError("no such architecture")
+        return NoActivation().eval() if name == "plain" else tiny_relu_net().eval()
+
+    plan = architectures.ArchitecturePlan(("missing", "plain", "relu"), (1,), 16, rounds=2, budget_s=1)
+    result = architectures.run(plan, torch.device("cpu"), log=lambda message: None, build=build)
+    models = result["models"]
+    assert models["missing"] == {"failed": "ValueError: no such architecture"}
+    plain = models["plain"]["batches"]["1"]
+    for goal in architectures.GOALS:
+        assert plain["ratios"][goal]["status"].startswith("failed: ")
+    assert models["plain"]["load_warmup_ms"]["status"].startswith("failed: ")
+    assert set(plain["times_ms"]) == {"floor"}  # only what can run is timed
+    rows = architectures.goal_rows(result)
+    assert [row["status"] for row in rows if row["model"] == "missing"] == ["failed: ValueError: no such architecture"]
+    assert len([row for row in rows if row["model"] == "relu"]) == 3
+
+
+def test_a_method_failing_at_every_batch_size_is_reported_at_each():
+    # guided backprop runs, Grad-CAM finds no spatial layer: only the combination fails.
+    def build(name, size):
+        return nn.Sequential(nn.Flatten(), nn.Linear(3 * size * size, 4), nn.ReLU(), nn.Linear(4, 3)).eval()
+
+    plan = architectures.ArchitecturePlan(("flat",), (1, 2), 8, rounds=2, budget_s=1)
+    result = architectures.run(plan, torch.device("cpu"), log=lambda message: None, build=build)
+    for batch in ("1", "2"):
+        ratios = result["models"]["flat"]["batches"][batch]["ratios"]
+        assert ratios["saliency_gbp_grad_cam_over_floor"]["status"].startswith("failed: ")
+        assert ratios["guided_backprop_over_floor"]["status"] in ("ok", "short")

@@ -1,4 +1,5 @@
-"""The demo AllConvNet: its structure, its training, and what the trained model recognises."""
+"""The demo networks (AllConvNet, served; MaxPoolNet, with max pooling, for the quality report): their
+structure, their training, and what the trained models recognise."""
 
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ import torch
 from PIL import Image
 from torch import nn
 
-from demo import allconv, shapes
+from demo import allconv, maxpoolnet, shapes
 from demo import train as training
 from demo.allconv import AllConvNet
-from demo.model_cache import trained_demo_model
+from demo.maxpoolnet import MaxPoolNet
+from demo.model_cache import is_cache_fresh, trained_demo_model
 from demo.preprocessing import bytes_to_model_input, normalize
 
 HELD_OUT_SEED = 20_240_601  # never used by training (seed 0) nor its own held-out set
@@ -41,8 +43,14 @@ def to_pil(image: np.ndarray) -> Image.Image:
 # --- structure --------------------------------------------------------------------------------
 
 
-def test_model_file_stands_alone_for_torchserve() -> None:
-    tree = ast.parse(Path(allconv.__file__).read_text())
+@pytest.fixture(scope="session")
+def maxpool_model() -> MaxPoolNet:
+    return trained_demo_model(architecture="maxpool")
+
+
+@pytest.mark.parametrize(("module", "class_name"), [(allconv, "AllConvNet"), (maxpoolnet, "MaxPoolNet")])
+def test_model_file_stands_alone_for_torchserve(module, class_name) -> None:
+    tree = ast.parse(Path(module.__file__).read_text())
     imported: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -51,7 +59,7 @@ def test_model_file_stands_alone_for_torchserve() -> None:
             imported.add(node.module.split(".")[0])
     assert imported <= {"torch", "__future__"}
     classes = [node.name for node in tree.body if isinstance(node, ast.ClassDef)]
-    assert classes == ["AllConvNet"]
+    assert classes == [class_name]
 
 
 def test_default_model_matches_the_class_list_and_is_all_convolutional() -> None:
@@ -66,6 +74,20 @@ def test_default_model_matches_the_class_list_and_is_all_convolutional() -> None
     assert len({id(relu) for relu in relus}) == len(relus)
     strided = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.stride != (1, 1)]
     assert len(strided) == 3
+
+
+def test_maxpool_model_downsamples_by_max_pooling_only() -> None:
+    model = MaxPoolNet().eval()
+    assert model(torch.randn(2, 3, 64, 64)).shape == (2, len(shapes.CLASS_NAMES))
+    pools = [module for module in model.modules() if isinstance(module, nn.MaxPool2d)]
+    assert len(pools) == 3
+    assert all(module.stride == (1, 1) for module in model.modules() if isinstance(module, nn.Conv2d))
+    relus = [module for module in model.modules() if isinstance(module, nn.ReLU)]
+    assert len(relus) == 5 and len({id(relu) for relu in relus}) == 5 and not any(relu.inplace for relu in relus)
+    assert sum(p.numel() for p in model.parameters()) < 200_000
+    assert training.build("maxpool").__class__ is MaxPoolNet
+    with pytest.raises(ValueError, match="unknown demo architecture"):
+        training.build("resnet")
 
 
 def test_model_is_small_and_takes_other_input_sizes() -> None:
@@ -91,6 +113,14 @@ def test_training_is_deterministic_for_a_seed_and_restores_torch_state() -> None
     assert not torch.equal(first["classifier.weight"], other["classifier.weight"])
     assert torch.get_num_threads() == threads_before
     assert torch.are_deterministic_algorithms_enabled() == deterministic_before
+
+
+def test_each_architecture_has_its_own_cached_weights(tmp_path: Path) -> None:
+    settings = dataclasses.replace(TINY, architecture="maxpool")
+    training.save(training.train(settings), tmp_path)
+    assert (tmp_path / "maxpool_state.pt").exists() and (tmp_path / "maxpool_training_summary.json").exists()
+    assert is_cache_fresh(tmp_path, "maxpool") and not is_cache_fresh(tmp_path, "allconv")
+    assert isinstance(training.load(tmp_path, "maxpool"), MaxPoolNet)
 
 
 def test_cli_writes_state_label_map_and_summary(tmp_path: Path) -> None:
@@ -127,6 +157,13 @@ def test_random_blur_smooths_only_the_chosen_images() -> None:
 def test_held_out_accuracy(model: AllConvNet) -> None:
     accuracy = training.evaluate(model, count=1000, seed=HELD_OUT_SEED)
     assert accuracy >= 0.95
+
+
+def test_maxpool_model_held_out_accuracy(maxpool_model: MaxPoolNet) -> None:
+    # Trained by the same machinery (data, schedule, steps) as the served AllConvNet.
+    accuracy = training.evaluate(maxpool_model, count=1000, seed=HELD_OUT_SEED)
+    assert accuracy >= 0.95
+    assert maxpool_model(torch.zeros(1, 3, 64, 64)).shape == (1, len(shapes.CLASS_NAMES))
 
 
 @pytest.mark.parametrize(

@@ -391,3 +391,20 @@ def test_randomization_cascade_hand_cases(image_echo):
     # The model explained is never touched.
     randomization_cascade(model, "saliency", inputs, targets)
     assert all(torch.equal(trained_state[key], value) for key, value in model.state_dict().items())
+
+
+def test_cascade_with_fewer_steps_compares_at_evenly_spaced_layers_of_the_same_cascade():
+    model = seeded(ModuleReluNet(classes=4))
+    inputs = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    targets = torch.tensor([1, 3])
+    full = randomization_cascade(model, "saliency", inputs, targets, seed=4)
+    short = randomization_cascade(model, "saliency", inputs, targets, seed=4, max_steps=3)
+    # Five layers, three comparisons: after the first, the third and the last layer (the layers
+    # between are still randomised, with the same draws, so those steps equal the full cascade's).
+    assert short.layers == (full.layers[0], full.layers[2], full.layers[4])
+    torch.testing.assert_close(short.similarity, full.similarity[[0, 2, 4]])
+    torch.testing.assert_close(short.step_maps, full.step_maps[[0, 2, 4]])
+    assert randomization_cascade(model, "saliency", inputs, targets, seed=4, max_steps=9).layers == full.layers
+    assert randomization_cascade(model, "saliency", inputs, targets, seed=4, max_steps=1).layers == (full.layers[-1],)
+    with pytest.raises(InvalidOptionError, match="max_steps"):
+        randomization_cascade(model, "saliency", inputs, targets, max_steps=0)
