@@ -83,6 +83,23 @@ class ExplainerNotAllowedError(PluginError, PermissionError):
         return {**super().to_dict(), "cap": self.cap}
 
 
+class ExplainerFailsSanityError(ExplainerNotAllowedError):
+    """The model's ``sanity_policy: refuse`` turns away an explainer that failed a sanity check on
+    this model. 403 as for any explainer the model's configuration does not allow: the request is
+    well formed and the explainer could run, but its maps would not say what the client asks.
+    A client catching ``explainer_not_allowed`` refusals catches this one too."""
+
+    code = "explainer_fails_sanity"
+    cap = "sanity_policy"
+
+    def __init__(self, message: str, failed_checks: tuple[str, ...]):
+        super().__init__(message)
+        self.failed_checks = tuple(failed_checks)
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "failed_checks": list(self.failed_checks)}
+
+
 class CostCapExceededError(PluginError, ValueError):
     """A request asks for more work than the model's configured cost caps allow."""
 

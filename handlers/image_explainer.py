@@ -7,6 +7,7 @@ the request service's requests, and sets each reply's status. All logic lives in
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -21,6 +22,7 @@ from explainers.errors import UnsupportedModelError
 from serving.metrics import Metrics
 from serving.replies import internal_error_reply
 from serving.requests import RawRequest
+from serving.sanity import load_or_measure
 from serving.service import ExplanationService
 from serving.settings import ServingSettings
 from serving.warmup import WarmUp, warm_up
@@ -45,6 +47,12 @@ def envelope_in_effect(configured: str | None, environment=os.environ) -> str | 
     return value if value in ENVELOPES else None
 
 
+def _is_describe_request(context) -> bool:
+    # TorchServe sends GET /models/{m}?customized=true to the worker as a request with describe=True.
+    headers = context.get_all_request_header(0) or {}
+    return str(headers.get("describe", "")).lower() == "true"
+
+
 def _is_explain_request(headers: dict) -> bool:
     # TorchServe marks requests to /explanations (and KServe :explain) with the header explain=True.
     return str(headers.get("explain", "")).lower() == "true"
@@ -67,8 +75,11 @@ class ImageExplainerHandler:
         defined = model_class(model_dir / manifest["modelFile"]) if manifest.get("modelFile") else None
         settings = ServingSettings.from_mapping((context.model_yaml_config or {}).get("handler", {}), model_dir)
         model = self._load_model(defined, manifest, settings, model_dir, device)
-        recorder = TorchServeRecorder(context.metrics, context.model_name, MetricTypes.COUNTER, MetricTypes.HISTOGRAM)
-        self.service = ExplanationService(model, settings, Metrics(recorder))
+        recorder = TorchServeRecorder(context.metrics, context.model_name, MetricTypes.COUNTER, MetricTypes.HISTOGRAM,
+                                      gauge_type=MetricTypes.GAUGE)
+        # Stored in the archive, else measured now (the model's first explanations: a warm-up too).
+        sanity = load_or_measure(model, settings, model_dir)
+        self.service = ExplanationService(model, settings, Metrics(recorder), sanity=sanity)
         self.envelope = envelope_in_effect(settings.envelope)
         self.warm_up = warm_up(model, settings)
         if self.warm_up.ok:
@@ -106,7 +117,13 @@ class ImageExplainerHandler:
                 context.set_response_status(reply.status, reply.error_code, index)
             return [reply.body for _ in data or []]
 
+    def describe_handle(self) -> str:
+        """The model's custom metadata: each allowed explainer's sanity checks on it."""
+        return json.dumps(self.service.sanity.describe())
+
     def _handle(self, data, context):
+        if _is_describe_request(context):
+            return [self.describe_handle()]
         envelope = self.envelope
         if envelope:
             return self._handle_instances(envelope, data, context)

@@ -47,12 +47,12 @@ class TorchServeRecorder:
     LOGGER_NAME = "ts.metrics.caching_metric"
 
     def __init__(self, metrics_cache, model_name: str, counter_type, histogram_type,
-                 background: bool = True, flush_interval: float = 0.05):
+                 background: bool = True, flush_interval: float = 0.05, gauge_type=None):
         self._model_name = model_name
-        self._metrics = {
-            spec.name: metrics_cache.get_metric(spec.name, counter_type if spec.kind == "counter" else histogram_type)
-            for spec in ALL_METRICS
-        }
+        types = {"counter": counter_type, "histogram": histogram_type, "gauge": gauge_type}
+        # Without a gauge type (an older caller), gauges are not recorded rather than mistyped.
+        self._metrics = {spec.name: metrics_cache.get_metric(spec.name, types[spec.kind])
+                         for spec in ALL_METRICS if types[spec.kind] is not None}
         self._logger = logging.getLogger(self.LOGGER_NAME)
         self._hostname = socket.gethostname()
         self._parts: dict[tuple, tuple[str, str] | None] = {}  # (name, label values) -> line head, tail
@@ -86,6 +86,8 @@ class TorchServeRecorder:
     def _write(self, observations: list[tuple]) -> None:
         lines = []
         for spec, value, labels, when in observations:
+            if spec.name not in self._metrics:
+                continue
             key = (spec.name, *map(labels.__getitem__, spec.labels))
             try:
                 parts = self._parts[key]

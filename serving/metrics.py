@@ -22,7 +22,7 @@ NO_EXPLAINER = "none"
 @dataclass(frozen=True)
 class MetricSpec:
     name: str
-    kind: str  # "histogram" or "counter"
+    kind: str  # "histogram", "counter" or "gauge"
     labels: tuple[str, ...]
     unit: str
     help: str
@@ -41,7 +41,13 @@ EXPLANATION_BYTES = MetricSpec("xai_explanation_bytes", "histogram", ("explainer
 EXPLANATION_QUALITY = MetricSpec("xai_explanation_quality", "histogram", ("explainer", "metric"), "score",
                                  "Quality scores of served explanations, when requested.")
 
-ALL_METRICS = (STAGE_LATENCY, REQUESTS, ERRORS, EXPLANATIONS, EXPLANATION_BYTES, EXPLANATION_QUALITY)
+# Set when the model loads: 1 when the explainer passes the check on the served model, 0 when it fails.
+EXPLAINER_SANITY = MetricSpec("xai_explainer_sanity", "gauge", ("explainer", "check"), "pass",
+                              "Sanity checks of each explainer on the served model (1 pass, 0 fail), by check "
+                              "(class_sensitive, randomisation_sensitive).")
+
+ALL_METRICS = (STAGE_LATENCY, REQUESTS, ERRORS, EXPLANATIONS, EXPLANATION_BYTES, EXPLANATION_QUALITY,
+               EXPLAINER_SANITY)
 
 
 def outcome_of(http_status: int) -> str:
@@ -51,6 +57,7 @@ def outcome_of(http_status: int) -> str:
 
 
 class Recorder(Protocol):
+    # A gauge's observation is its new value.
     def observe(self, spec: MetricSpec, value: float, **labels: str) -> None: ...
 
     def increment(self, spec: MetricSpec, amount: float = 1, **labels: str) -> None: ...
@@ -107,6 +114,11 @@ class Metrics:
     def quality(self, explainer: str, metric: str, value: float) -> None:
         self.recorder.observe(EXPLANATION_QUALITY, value, explainer=explainer, metric=metric)
 
+    def sanity(self, values) -> None:
+        """Sets ``xai_explainer_sanity`` from ``(explainer, check, 1.0 | 0.0)`` triples."""
+        for explainer, check, value in values:
+            self.recorder.observe(EXPLAINER_SANITY, value, explainer=explainer, check=check)
+
 
 class _StageTimer:
     """Metrics.stage's context manager (a class: a few µs cheaper per stage than a generator)."""
@@ -134,7 +146,7 @@ class PrometheusRecorder:
     """Records into a ``prometheus_client`` registry (the explainer layer used outside TorchServe)."""
 
     def __init__(self, registry=None):
-        from prometheus_client import CollectorRegistry, Counter, Histogram
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry = registry if registry is not None else CollectorRegistry()
         self._metrics = {}
@@ -142,13 +154,19 @@ class PrometheusRecorder:
             if spec.kind == "counter":
                 # prometheus_client appends _total itself.
                 metric = Counter(spec.name.removesuffix("_total"), spec.help, spec.labels, registry=self.registry)
+            elif spec.kind == "gauge":
+                metric = Gauge(spec.name, spec.help, spec.labels, registry=self.registry)
             else:
                 buckets = {"seconds": LATENCY_BUCKETS, "bytes": BYTES_BUCKETS}.get(spec.unit, SCORE_BUCKETS)
                 metric = Histogram(spec.name, spec.help, spec.labels, buckets=buckets, registry=self.registry)
             self._metrics[spec.name] = metric
 
     def observe(self, spec: MetricSpec, value: float, **labels: str) -> None:
-        self._metrics[spec.name].labels(**labels).observe(value)
+        metric = self._metrics[spec.name].labels(**labels)
+        if spec.kind == "gauge":
+            metric.set(value)
+        else:
+            metric.observe(value)
 
     def increment(self, spec: MetricSpec, amount: float = 1, **labels: str) -> None:
         self._metrics[spec.name].labels(**labels).inc(amount)

@@ -20,6 +20,7 @@ from explainers import Explainer, logits_of
 from explainers.api import build_explainers
 from explainers.errors import (
     CostCapExceededError,
+    ExplainerFailsSanityError,
     ExplainerNotAllowedError,
     InvalidOptionError,
     InvalidRequestError,
@@ -40,6 +41,7 @@ from .rendering.encode import JSON_MAX_CELLS, encode_attribution, require_json_f
 from .rendering.options import RenderOptions
 from .replies import Reply, as_plugin_error, error_reply
 from .requests import ExplainRequest, RawRequest, parse_request
+from .sanity import SanityReport
 from .settings import ServingSettings
 
 logger = logging.getLogger(__name__)
@@ -60,10 +62,16 @@ class _Prepared:
 class ExplanationService:
     """Serves predictions, with explanations for the requests that ask for them."""
 
-    def __init__(self, model: nn.Module, settings: ServingSettings, metrics: Metrics | None = None):
+    def __init__(self, model: nn.Module, settings: ServingSettings, metrics: Metrics | None = None,
+                 sanity: SanityReport | None = None):
+        """``sanity``: the explainers' checks on this model (:func:`serving.sanity.load_or_measure`);
+        without it responses carry no verdicts and ``sanity_policy`` has nothing to act on."""
         self.model = model.eval()
         self.settings = settings
         self.metrics = metrics or Metrics()
+        self.sanity = sanity
+        if sanity is not None:
+            self.metrics.sanity(sanity.gauge_values())
         self.device = model_device(model)
         self.preprocessor = Preprocessor(size=settings.input_size, mean=settings.mean, std=settings.std,
                                          resize=settings.resize, interpolation=settings.interpolation)
@@ -128,6 +136,7 @@ class ExplanationService:
             explainer_class(name)  # UnknownExplainerError lists the registered names
             if name not in allowed:
                 raise ExplainerNotAllowedError(f"explainer {name!r} is not enabled for this model; allowed: {list(allowed)}")
+            self._check_sanity(name)
         if len(request.explainers) > caps.max_explainers_per_request:
             raise CostCapExceededError(
                 f"{len(request.explainers)} explainers requested; this model allows {caps.max_explainers_per_request} per request",
@@ -138,6 +147,15 @@ class ExplanationService:
         if request.target is not None and request.explain_top_k > 1:
             raise InvalidRequestError("give either \"target\" or \"explain_top_k\", not both")
         self._check_quality(request)
+
+    def _check_sanity(self, name: str) -> None:
+        if self.settings.sanity_policy != "refuse" or self.sanity is None:
+            return
+        failed = self.sanity.failed_checks(name)
+        if failed:
+            raise ExplainerFailsSanityError(
+                f"explainer {name!r} failed the sanity check(s) {list(failed)} on this model and its "
+                f"sanity_policy is refuse: {'; '.join(self.sanity.warnings(name))}", failed)
 
     def _check_quality(self, request: ExplainRequest) -> None:
         if request.quality_steps is None:
@@ -249,6 +267,7 @@ class ExplanationService:
                 entry["rule_sites"] = dict(explanation.rule_sites)
             if explanation.layer is not None:
                 entry["layer"] = explanation.layer
+            entry.update(self._sanity_fields(explainer.name))
             if quality is not None:
                 entry["quality"] = quality
                 for metric, value in quality.items():
@@ -256,6 +275,16 @@ class ExplanationService:
             entries.append(entry)
         self.metrics.explanation(explainer.name, ok=True, payload_bytes=sum(len(str(e["data"])) for e in entries))
         return entries[0] if len(entries) == 1 else entries
+
+    def _sanity_fields(self, name: str) -> dict:
+        """The explainer's verdicts on this model, and under ``warn`` what each failed check means."""
+        verdicts = None if self.sanity is None else self.sanity.verdicts(name)
+        if verdicts is None:
+            return {}
+        fields = {"sanity": verdicts}
+        if self.settings.sanity_policy == "warn" and self.sanity.failed_checks(name):
+            fields["warnings"] = self.sanity.warnings(name)
+        return fields
 
     def _quality(self, run: ExplanationRun, attributions: torch.Tensor, target: int, steps: int) -> dict[str, float]:
         """Cheap faithfulness score of one explanation: the deletion AUC at ``steps`` steps.

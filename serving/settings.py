@@ -16,6 +16,7 @@ from explainers.registry import available, explainer_class
 from .caps import CostCaps
 from .class_names import load_class_names
 from .images import INTERPOLATIONS
+from .sanity import SanitySettings, check_policy
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,10 @@ class ServingSettings:
     # TorchServe's service_envelope when it is set ("kserve" or "kservev2"): requests then arrive
     # as KServe instances. It must match the server's config.properties.
     envelope: str | None = None
+    # What a failed sanity check of an explainer does to the requests asking for it (serving/sanity.py):
+    # report (verdicts in responses and describe), warn (also a warning per entry), refuse (403).
+    sanity_policy: str = "report"
+    sanity: SanitySettings = field(default_factory=SanitySettings)
 
     @property
     def num_classes(self) -> int:
@@ -87,6 +92,8 @@ class ServingSettings:
             section["caps"] = CostCaps(**caps)
         except TypeError:
             raise InvalidOptionError(f"unknown cap(s) in {sorted(caps)}; known: {[f.name for f in fields(CostCaps)]}") from None
+        if "sanity" in section:
+            section["sanity"] = SanitySettings.from_mapping(section["sanity"])
         settings = cls(**section)
         settings._check()
         return settings
@@ -108,6 +115,7 @@ class ServingSettings:
         self._check_preprocessing()
         if self.architecture is not None:
             parse_architecture(self.architecture)
+        check_policy(self.sanity_policy)
         if self.envelope not in (None, "kserve", "kservev2"):
             raise InvalidOptionError(f"envelope must be kserve or kservev2 when set, got {self.envelope!r}")
         if not isinstance(self.render, Mapping):

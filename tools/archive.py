@@ -147,6 +147,8 @@ def archive_model(
     extra_files: Iterable[Path | str] = (),
     version: str = "1.0",
     bundle_plugin: bool = False,
+    sanity: bool = False,
+    sample_images: Iterable[Path | str] = (),
 ) -> Path:
     """Run torch-model-archiver (--force) and return the .mar path.
 
@@ -156,7 +158,19 @@ def archive_model(
     bundle_plugin: also put the plugin's packages (PLUGIN_PACKAGES, from wherever they are
     imported now, the installed wheel or this checkout) at the archive root, which TorchServe puts
     on the worker's sys.path: the archive then serves where the plugin is not installed.
+    sanity: measure every allowed explainer's sanity checks now (the project's handler and a
+    config_file are needed) and store them as sanity.json, with ``sample_images`` (the probes, else
+    generated ones) in sample_images/: the handler then reads them at load instead of measuring.
     """
+    sample_images = list(sample_images)
+    if sanity or sample_images:
+        with tempfile.TemporaryDirectory(prefix="sanity-bundle-") as bundle:
+            stage_sanity(Path(bundle), model_file=model_file, serialized_file=serialized_file,
+                         config_file=config_file, extra_files=extra_files, sample_images=sample_images,
+                         measure_now=sanity)
+            return archive_model(name, model_file=model_file, serialized_file=serialized_file, handler=handler,
+                                 export_path=export_path, config_file=config_file,
+                                 extra_files=[*extra_files, bundle], version=version, bundle_plugin=bundle_plugin)
     if bundle_plugin:
         with tempfile.TemporaryDirectory(prefix="plugin-bundle-") as bundle:
             for package in PLUGIN_PACKAGES:
@@ -208,6 +222,8 @@ def archive_own_model(
     extra_files: Iterable[Path | str] = (),
     version: str = "1.0",
     bundle_plugin: bool = False,
+    sanity: bool = False,
+    sample_images: Iterable[Path | str] = (),
     **config_options: Any,
 ) -> Path:
     """Bring your own model: write model-config.yaml and class_names.json, then archive.
@@ -219,7 +235,7 @@ def archive_own_model(
     generated = own_model_generated_files(class_names, input_size, mean, std, **config_options)
     return _archive_generated(name, generated, model_file=model_file, serialized_file=serialized_file,
                               handler=handler, export_path=export_path, extra_files=extra_files, version=version,
-                              bundle_plugin=bundle_plugin)
+                              bundle_plugin=bundle_plugin, sanity=sanity, sample_images=sample_images)
 
 
 def own_model_generated_files(
@@ -327,6 +343,8 @@ def archive_architecture(
     extra_files: Iterable[Path | str] = (),
     version: str = "1.0",
     bundle_plugin: bool = False,
+    sanity: bool = False,
+    sample_images: Iterable[Path | str] = (),
     **config_options: Any,
 ) -> Path:
     """A torchvision or timm model by name: its standard preprocessing (``config_options`` such as
@@ -338,7 +356,7 @@ def archive_architecture(
     generated = architecture_generated_files(source, architecture_name, class_names, **config_options)
     return _archive_generated(name, generated, model_file=None, serialized_file=serialized_file, handler=handler,
                               export_path=export_path, extra_files=extra_files, version=version,
-                              bundle_plugin=bundle_plugin)
+                              bundle_plugin=bundle_plugin, sanity=sanity, sample_images=sample_images)
 
 
 def architecture_generated_files(
@@ -363,7 +381,8 @@ def architecture_generated_files(
 
 
 def _archive_generated(name: str, generated: Mapping[str, bytes], *, model_file, serialized_file, handler,
-                       export_path, extra_files, version, bundle_plugin: bool = False) -> Path:
+                       export_path, extra_files, version, bundle_plugin: bool = False, sanity: bool = False,
+                       sample_images: Iterable[Path | str] = ()) -> Path:
     with tempfile.TemporaryDirectory(prefix="byo-model-") as staging:
         staged = []
         for file_name, content in generated.items():
@@ -379,7 +398,71 @@ def _archive_generated(name: str, generated: Mapping[str, bytes], *, model_file,
             extra_files=[Path(staging) / CLASS_NAMES_NAME, *extra_files],
             version=version,
             bundle_plugin=bundle_plugin,
+            sanity=sanity,
+            sample_images=sample_images,
         )
+
+
+# -- sanity checks at archive time ---------------------------------------------------------------
+
+
+def stage_sanity(bundle: Path, *, model_file: Path | str | None, serialized_file: Path | str, config_file: Path | str | None,
+                 extra_files: Iterable[Path | str] = (), sample_images: Iterable[Path | str] = (),
+                 measure_now: bool = True) -> None:
+    """Puts ``sample_images/`` (copies, in the order given) and, when ``measure_now``, ``sanity.json``
+    in ``bundle``, whose contents the archive carries at its root.
+
+    The model is loaded and the checks run as the handler will run them at load
+    (:func:`serving.sanity.load_or_measure`), so the stored fingerprints match there.
+
+    Raises:
+        FileNotFoundError: a sample image or the class names file the config names is missing.
+        InvalidOptionError: the config's handler section is invalid, or there is no config.
+    """
+    from serving.sanity import SAMPLE_IMAGE_SUFFIXES, SAMPLE_IMAGES_DIR
+
+    images = [Path(path) for path in sample_images]
+    if images:
+        folder = bundle / SAMPLE_IMAGES_DIR
+        folder.mkdir(parents=True)
+        for index, image in enumerate(images):
+            if not image.is_file():
+                raise FileNotFoundError(f"sample image not found: {image}")
+            if image.suffix.lower() not in SAMPLE_IMAGE_SUFFIXES:
+                raise ValueError(f"sample image {image} is not one of {list(SAMPLE_IMAGE_SUFFIXES)}")
+            shutil.copyfile(image, folder / f"{index:02d}-{image.name}")
+    if measure_now:
+        measure_sanity(bundle, model_file=model_file, serialized_file=serialized_file, config_file=config_file,
+                       extra_files=extra_files)
+
+
+def measure_sanity(model_dir: Path, *, model_file: Path | str | None, serialized_file: Path | str,
+                   config_file: Path | str | None, extra_files: Iterable[Path | str] = ()):
+    """Measures the checks for the model and config, writing ``model_dir/sanity.json``; the report."""
+    import torch
+
+    from explainers.errors import InvalidOptionError
+    from handlers.model_loading import load_architecture, load_eager_model
+    from serving.sanity import load_or_measure
+    from serving.settings import ServingSettings
+
+    if config_file is None:
+        raise InvalidOptionError("sanity checks at archive time need the model's model-config.yaml")
+    section = (yaml.safe_load(Path(config_file).read_text()) or {}).get("handler", {})
+    names = section.get("class_names")
+    base_dir = Path(config_file).parent
+    if isinstance(names, str):
+        # The archive puts extra files at its root beside the config: look for the names there too.
+        base_dir = next((Path(path).parent for path in extra_files if Path(path).name == names), base_dir)
+    settings = ServingSettings.from_mapping(section, base_dir)
+    # As the handler loads it: the architecture the settings name, else the model file's class.
+    if settings.architecture is not None:
+        model = load_architecture(settings.architecture, settings.num_classes, Path(serialized_file), torch.device("cpu"))
+    elif model_file is not None:
+        model = load_eager_model(Path(model_file), Path(serialized_file), torch.device("cpu"))
+    else:
+        raise InvalidOptionError("sanity checks at archive time need a model file or an architecture")
+    return load_or_measure(model, settings, model_dir, at_load=False)
 
 
 # -- staleness ---------------------------------------------------------------------------------
@@ -435,6 +518,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--extra-files", nargs="+", default=[], type=Path, help="more files for the archive root")
     parser.add_argument("--version", default="1.0", help="model version (default: %(default)s)")
     parser.add_argument("--if-stale", action="store_true", help="do nothing when NAME.mar is newer than its sources")
+    parser.add_argument("--sample-images", nargs="+", default=[], type=Path, metavar="IMAGE",
+                        help="probe images for the sanity checks, carried in the archive (default: generated probes)")
+    parser.add_argument("--no-sanity", action="store_true",
+                        help="do not measure the explainers' sanity checks now (the handler then measures them at load)")
     parser.add_argument("--bundle-plugin", action="store_true",
                         help=f"carry the plugin's packages ({', '.join(PLUGIN_PACKAGES)}) in the archive, for servers where it is not installed")
     source = parser.add_mutually_exclusive_group()
@@ -462,7 +549,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return run(parser, args)
-    except (FileNotFoundError, RuntimeError) as error:
+    except (FileNotFoundError, RuntimeError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
 
@@ -478,9 +565,12 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         response_timeout_s=args.response_timeout,
     )
     preprocessing = dict(resize=args.resize, interpolation=args.interpolation)
+    # Only the project's handler reads sanity.json; another handler's archive is left as it was.
+    sanity = dict(sanity=not args.no_sanity and args.handler.resolve() == DEFAULT_HANDLER.resolve(),
+                  sample_images=args.sample_images)
     if args.torchvision or args.timm:
-        return _run_by_name(parser, args, mar, {**options, **preprocessing})
-    sources = [args.model_file, args.serialized_file, args.handler, *args.extra_files]
+        return _run_by_name(parser, args, mar, {**options, **preprocessing}, sanity)
+    sources = [args.model_file, args.serialized_file, args.handler, *args.extra_files, *args.sample_images]
     if args.config:
         extra_files = [*([args.class_names] if args.class_names else []), *args.extra_files]
         if args.if_stale and not mar_is_stale(mar, [*sources, args.config, *extra_files]):
@@ -496,6 +586,7 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             extra_files=extra_files,
             version=args.version,
             bundle_plugin=args.bundle_plugin,
+            **sanity,
         )
     else:
         if args.input_size is None:
@@ -523,13 +614,15 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             extra_files=args.extra_files,
             version=args.version,
             bundle_plugin=args.bundle_plugin,
+            **sanity,
             **options,
         )
     print(f"built {built}")
     return 0
 
 
-def _run_by_name(parser: argparse.ArgumentParser, args: argparse.Namespace, mar: Path, options: dict) -> int:
+def _run_by_name(parser: argparse.ArgumentParser, args: argparse.Namespace, mar: Path, options: dict,
+                 sanity: dict) -> int:
     if args.config:
         parser.error("--config goes with --model-file; with --torchvision/--timm the config is written")
     source, architecture_name = ("torchvision", args.torchvision) if args.torchvision else ("timm", args.timm)
@@ -538,13 +631,14 @@ def _run_by_name(parser: argparse.ArgumentParser, args: argparse.Namespace, mar:
         generated = architecture_generated_files(source, architecture_name, args.class_names, **overrides)
     except ValueError as error:
         parser.error(str(error))
-    sources = [args.serialized_file, args.handler, *args.extra_files, *([args.class_names] if args.class_names else [])]
+    sources = [args.serialized_file, args.handler, *args.extra_files, *args.sample_images,
+               *([args.class_names] if args.class_names else [])]
     if args.if_stale and not mar_is_stale(mar, sources, generated):
         print(f"{mar} is up to date")
         return 0
     built = _archive_generated(args.name, generated, model_file=None, serialized_file=args.serialized_file,
                                handler=args.handler, export_path=args.export_path, extra_files=args.extra_files,
-                               version=args.version, bundle_plugin=args.bundle_plugin)
+                               version=args.version, bundle_plugin=args.bundle_plugin, **sanity)
     print(f"built {built}")
     return 0
 

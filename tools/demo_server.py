@@ -16,7 +16,7 @@ from PIL import Image
 
 from demo.shapes import draw_shape
 from tools.archive import archive_model
-from tools.demo_store import CONFIG_FILE, HANDLER_FILE, MODEL_FILE, build_demo_store
+from tools.demo_store import CONFIG_FILE, HANDLER_FILE, MODEL_FILE, build_demo_store, sanity_members
 from tools.torchserve import TorchServeProcess
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -54,8 +54,10 @@ def add_enveloped_model(store: Path, envelope: str) -> str:
     config_file = work / "model-config.yaml"
     config_file.write_text(yaml.safe_dump(config))
     from demo.model_cache import BUILD_DIR
+    # The demo archive's sanity checks: same weights and options, so the handler need not measure them.
+    checks = sanity_members(build_demo_store(), work / "sanity")
     archive_model(name, model_file=MODEL_FILE, serialized_file=BUILD_DIR / "allconv_state.pt", handler=HANDLER_FILE,
-                  export_path=store, config_file=config_file, extra_files=[BUILD_DIR / "index_to_name.json"])
+                  export_path=store, config_file=config_file, extra_files=[BUILD_DIR / "index_to_name.json", checks])
     return name
 
 

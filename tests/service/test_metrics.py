@@ -250,7 +250,7 @@ class FakeMetricsCache:
 
 def torchserve_metrics(cache, model_name="shapes", background=False) -> Metrics:
     return Metrics(TorchServeRecorder(cache, model_name, MetricTypes.COUNTER, MetricTypes.HISTOGRAM,
-                                      background=background))
+                                      background=background, gauge_type=MetricTypes.GAUGE))
 
 
 def updates(printed: PrintedLines) -> list[tuple[str, float, list[str]]]:
@@ -430,6 +430,7 @@ def test_service_batch_through_torchserve_backend_emits_only_declared_metrics(pr
     metrics = torchserve_metrics(FakeMetricsCache(), background=True)
     replies = service_with(metrics).handle(mixed_batch())
     assert [r.status for r in replies] == [200, 200, 200, 400, 400, 200]
+    metrics.sanity([("grad_cam", "class_sensitive", 1.0), ("guided_backprop", "class_sensitive", 0.0)])
     metrics.recorder.flush()
     emitted = {(name, tuple(values[2:])) for name, _, values in updates(printed)}
     assert ("xai_stage_latency_seconds", ("explain", "saliency")) in emitted
@@ -450,6 +451,7 @@ def test_real_torchserve_metrics_cache_lines_are_the_frontend_s(printed):
     metrics = torchserve_metrics(real_cache(), background=True)
     replies = service_with(metrics).handle(mixed_batch())
     assert [r.status for r in replies] == [200, 200, 200, 400, 400, 200]
+    metrics.sanity([("grad_cam", "class_sensitive", 1.0), ("guided_backprop", "class_sensitive", 0.0)])
     metrics.recorder.flush()
     seen = {name for name, _, _ in updates(printed)}
     assert seen == {spec.name for spec in xm.ALL_METRICS} - {"xai_explanation_quality"}
@@ -458,8 +460,10 @@ def test_real_torchserve_metrics_cache_lines_are_the_frontend_s(printed):
 def test_lines_equal_what_ts_add_or_update_prints(printed):
     """Our cheaper formatting prints exactly ts's own line (up to the time stamp) for every metric."""
     cache = real_cache()
-    recorder = TorchServeRecorder(cache, "shapes", MetricTypes.COUNTER, MetricTypes.HISTOGRAM, background=False)
-    observations = [(xm.STAGE_LATENCY, 0.0123, {"stage": "explain", "explainer": "grad_cam"}),
+    recorder = TorchServeRecorder(cache, "shapes", MetricTypes.COUNTER, MetricTypes.HISTOGRAM, background=False,
+                                  gauge_type=MetricTypes.GAUGE)
+    observations = [(xm.EXPLAINER_SANITY, 0.0, {"explainer": "guided_backprop", "check": "class_sensitive"}),
+                    (xm.STAGE_LATENCY, 0.0123, {"stage": "explain", "explainer": "grad_cam"}),
                     (xm.STAGE_LATENCY, 2.5e-05, {"stage": "decode", "explainer": "none"}),
                     (xm.REQUESTS, 1, {"route": "predict", "outcome": "ok"}),
                     (xm.ERRORS, 1, {"code": "invalid_image"}),

@@ -22,7 +22,7 @@ from PIL import Image
 
 from demo.model_cache import BUILD_DIR
 from tools.archive import archive_model
-from tools.demo_store import CONFIG_FILE, HANDLER_FILE, MODEL_FILE
+from tools.demo_store import CONFIG_FILE, HANDLER_FILE, MODEL_FILE, build_demo_store, sanity_members
 from tools.torchserve import TorchServeProcess
 
 from .paths import FIXTURES
@@ -62,8 +62,11 @@ def _archive(store: Path, name: str, config: dict, model_file: Path = MODEL_FILE
     work.mkdir(parents=True, exist_ok=True)
     config_file = work / "model-config.yaml"
     config_file.write_text(yaml.safe_dump(config))
+    # The demo archive's sanity checks (same weights): only explainers checked with other options
+    # than the demo's are measured when the model loads.
+    checks = sanity_members(build_demo_store(), work / "sanity")
     archive_model(name, model_file=model_file, serialized_file=BUILD_DIR / "allconv_state.pt", handler=HANDLER_FILE,
-                  export_path=store, config_file=config_file, extra_files=[BUILD_DIR / "index_to_name.json"])
+                  export_path=store, config_file=config_file, extra_files=[BUILD_DIR / "index_to_name.json", checks])
     return f"{name}.mar"
 
 

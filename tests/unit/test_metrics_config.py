@@ -21,6 +21,7 @@ CONTRACT = {
     "xai_explanation_bytes": ("histogram", ["explainer"]),
     "xai_explanations_total": ("counter", ["explainer", "outcome"]),
     "xai_explanation_quality": ("histogram", ["explainer", "metric"]),
+    "xai_explainer_sanity": ("gauge", ["explainer", "check"]),
 }
 
 
