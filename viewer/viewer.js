@@ -291,6 +291,7 @@ function renderOptions() {
   };
   options[polarity === "both" ? "diverging_colormap" : "colormap"] = $("colormap").value;
   if ($("encoding").value === "overlay") options.overlay_base = $("overlay-base").value;
+  options.frame = $("frame").value;
   return options;
 }
 

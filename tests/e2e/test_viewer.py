@@ -21,6 +21,7 @@ from urllib.parse import urlencode
 
 import psutil
 import pytest
+from PIL import Image
 
 from tools.view import serve_in_thread
 from tools.demo_server import build_store, running_server, shape_png
@@ -275,6 +276,20 @@ def test_rendering_options_and_quality_score(browser, viewer_origin, torchserve,
     caption = browser.find_element(By.CSS_SELECTOR, "#maps figure.explanation figcaption").text
     assert re.search(r"deletion AUC 0\.\d{3}", caption), caption
     assert after["natural"] == [64, 64]
+    assert console_errors(browser) == []
+
+
+def test_maps_in_the_original_image_frame(browser, viewer_origin, torchserve, tmp_path):
+    open_viewer(browser, viewer_origin, torchserve)
+    choose_explainers(browser, ["grad_cam"])
+    picture = tmp_path / "wide.png"
+    picture.write_bytes(shape_png("star", size=64))
+    Image.open(picture).resize((120, 80)).save(picture)  # not the model's 64 x 64
+    upload(browser, picture)
+    assert wait_for_maps(browser, 1)[0]["natural"] == [64, 64]  # the model input's frame by default
+    Select(browser.find_element(By.ID, "frame")).select_by_value("image")
+    browser.find_element(By.ID, "explain-button").click()
+    assert wait_for_maps(browser, 1, extra=lambda ms: ms[0]["natural"] != [64, 64])[0]["natural"] == [120, 80]
     assert console_errors(browser) == []
 
 
