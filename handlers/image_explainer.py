@@ -118,8 +118,12 @@ class ImageExplainerHandler:
             return [reply.body for _ in data or []]
 
     def describe_handle(self) -> str:
-        """The model's custom metadata: each allowed explainer's sanity checks on it."""
-        return json.dumps(self.service.sanity.describe())
+        """The model's custom metadata: the explainers a request may ask for, those the explanations
+        route uses, and each allowed explainer's sanity checks on this model."""
+        settings = self.service.settings
+        return json.dumps({"allowed_explainers": list(settings.allowed),
+                           "default_explainers": list(settings.default_explainers),
+                           **self.service.sanity.describe()})
 
     def _handle(self, data, context):
         if _is_describe_request(context):

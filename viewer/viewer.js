@@ -203,7 +203,8 @@ async function chooseModel(name) {
   let defaults = PREFERRED_DEFAULTS;
   let note = "Allowed explainers are not published by the server: all are offered, a refused one is reported.";
   try {
-    const { body } = await call(state.management, `/models/${encodeURIComponent(name)}`, { token: state.managementToken });
+    const { body } = await call(state.management, `/models/${encodeURIComponent(name)}?customized=true`,
+                                { token: state.managementToken });
     const description = Array.isArray(body) ? body[0] : body;
     const workers = (description && description.workers) || [];
     const ready = workers.filter((w) => w.status === "READY").length;

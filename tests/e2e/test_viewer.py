@@ -279,6 +279,16 @@ def test_rendering_options_and_quality_score(browser, viewer_origin, torchserve,
     assert console_errors(browser) == []
 
 
+def test_the_explainers_offered_are_the_models_allowed_ones(browser, viewer_origin, torchserve):
+    open_viewer(browser, viewer_origin, torchserve)
+    offered = browser.execute_script(
+        "return [...document.querySelectorAll('#explainer-list input')].map((box) => box.value)")
+    reply = torchserve.request("GET", "/models/shapes?customized=true", api="management")
+    metadata = reply.json()[0]["customizedMetadata"]  # the frontend hands the handler's JSON on parsed
+    assert offered == metadata["allowed_explainers"]
+    assert browser.find_element(By.ID, "explainer-note").text == ""  # no "not published" note
+
+
 def test_maps_in_the_original_image_frame(browser, viewer_origin, torchserve, tmp_path):
     open_viewer(browser, viewer_origin, torchserve)
     choose_explainers(browser, ["grad_cam"])
