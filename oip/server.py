@@ -56,7 +56,7 @@ class FrontServer(ModelServer):
     def _decode(self, body, headers, protocol_version=PredictorProtocol.REST_V1.value, model_name=None):
         """A JSON body that FastAPI left as bytes (clients such as tritonclient send no
         Content-Type) is parsed as JSON, not refused for its missing binary-extension header."""
-        if isinstance(body, (bytes, bytearray)):
+        if isinstance(body, (bytes, bytearray)) and protocol_version == PredictorProtocol.REST_V2.value:
             json_length = (headers or {}).get(INFERENCE_CONTENT_LENGTH_HEADER)
             if json_length is not None:
                 return binary_request(bytes(body), json_length, model_name), {}
