@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--http-port", type=int, default=8080, help="OIP REST (default: %(default)s)")
     parser.add_argument("--grpc-port", type=int, default=8081, help="OIP gRPC (default: %(default)s)")
     parser.add_argument("--timeout", type=float, default=180.0, help="seconds per TorchServe request")
+    parser.add_argument("--access-log", action="store_true", help="log every request (off by default: TorchServe logs them too)")
     return parser
 
 
@@ -152,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for spec in names:
         name, _, torchserve_name = spec.partition("=")
         models.append(TorchServeModel(name, upstream, torchserve_name or name))
-    server = FrontServer(args.host, args.http_port, args.grpc_port)
+    server = FrontServer(args.host, args.http_port, args.grpc_port, access_log=args.access_log)
     if owned is not None:
         owned.start(on_death=lambda: os.kill(os.getpid(), signal.SIGTERM))
     print(f"OIP front server: REST http://{args.host}:{args.http_port}, gRPC {args.host}:{args.grpc_port}, "
