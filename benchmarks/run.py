@@ -153,7 +153,7 @@ DEFINITIONS = {
                      "fresh model (builds and checks its rule model) minus the median warm call",
     "peak_memory": "peak of tensor memory allocated during one call (profiler allocator events on CPU)",
     "oip_front": "predict through the OIP front server (binary tensor extension) vs TorchServe directly, one client, "
-                 "keep-alive, same image, interleaved, batchSize 1; share = (median front - median direct) / median front",
+                 "keep-alive, same image, interleaved, batchSize 1; share = median of per-round (front - direct) / median front",
 }
 
 

@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m oip", description=__doc__.splitlines()[0])
     parser.add_argument("--torchserve", help="TorchServe's inference URL (not with --ts-config)")
     parser.add_argument("--key-file", type=Path, help="TorchServe's key_file.json when its token auth is on")
+    parser.add_argument("--management", help="TorchServe's management URL, to renew an expired inference key")
     parser.add_argument("--model", action="append", default=[], metavar="NAME[=TORCHSERVE_NAME]",
                         help="a model to serve (repeatable); default: the config's model_snapshot")
     parser.add_argument("--ts-config", type=Path, help="start TorchServe with this config.properties and own it")
@@ -135,10 +136,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         inference = loopback_url(config.get("inference_address", "http://127.0.0.1:8080"))
         auth_off = config.get("disable_token_authorization", "false").lower() == "true"
         key_file = None if auth_off else Path.cwd() / KEY_FILE_NAME
+        management = loopback_url(config.get("management_address", "http://127.0.0.1:8081"))
         names = args.model or snapshot_models(config)
         owned = OwnedTorchServe(args.ts_config, args.model_store)
     else:
-        inference, key_file, names = args.torchserve.rstrip("/"), args.key_file, args.model
+        inference, key_file, names, management = args.torchserve.rstrip("/"), args.key_file, args.model, args.management
     if not names:
         print("error: no model to serve (--model NAME, or a config with model_snapshot)", file=sys.stderr)
         return 2
@@ -148,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .server import FrontServer
     from .upstream import TorchServeUpstream
 
-    upstream = TorchServeUpstream(inference, key_file=key_file, timeout_s=args.timeout)
+    upstream = TorchServeUpstream(inference, key_file=key_file, management_url=management, timeout_s=args.timeout)
     models = []
     for spec in names:
         name, _, torchserve_name = spec.partition("=")

@@ -1,6 +1,12 @@
 """TorchServe's inference API on loopback, seen from the front server: one pooled aiohttp session
 (keep-alive connections, created in the serving event loop), TorchServe's token when auth is on,
-and a readiness check cached for a second (KServe asks readiness before every infer)."""
+and a readiness check cached for a second (KServe asks readiness before every infer).
+
+Token auth: the inference key comes from TorchServe's ``key_file.json`` (re-read whenever the file
+changes). TorchServe's keys expire (``token_expiration_min``, 60 by default); when TorchServe
+refuses the key and the front server knows the management API, it asks for a new inference key
+with the file's API key (``POST /token?type=inference``, which rewrites the file) and retries once.
+"""
 
 from __future__ import annotations
 
@@ -18,11 +24,12 @@ READY_TTL_S = 1.0
 
 
 class TorchServeUpstream:
-    def __init__(self, inference_url: str, *, key_file: Path | str | None = None, timeout_s: float = 180.0,
-                 connections: int = 64):
+    def __init__(self, inference_url: str, *, key_file: Path | str | None = None, management_url: str | None = None,
+                 timeout_s: float = 180.0, connections: int = 64):
         """inference_url: e.g. ``http://127.0.0.1:8085``. key_file: TorchServe's ``key_file.json``
-        when its token auth is on (re-read when it changes, e.g. after a key rotation)."""
+        when its token auth is on. management_url: where to renew an expired inference key."""
         self.inference_url = inference_url.rstrip("/")
+        self.management_url = management_url.rstrip("/") if management_url else None
         self.key_file = Path(key_file) if key_file else None
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
         self.connections = connections
@@ -47,6 +54,9 @@ class TorchServeUpstream:
         key = self._inference_key()
         return {"Authorization": f"Bearer {key}"} if key else {}
 
+    def _keys(self) -> dict:
+        return json.loads(self.key_file.read_text())
+
     def _inference_key(self) -> str | None:
         if self.key_file is None:
             return None
@@ -56,13 +66,13 @@ class TorchServeUpstream:
             return None
         if self._key is None or self._key[0] != mtime:
             try:
-                key = json.loads(self.key_file.read_text())["inference"]["key"]
+                key = self._keys()["inference"]["key"]
             except (OSError, ValueError, KeyError, TypeError):
                 return None  # half written: next call
             self._key = (mtime, key)
         return self._key[1]
 
-    async def post(self, path: str, body: bytes, content_type: str) -> dict:
+    async def post(self, path: str, body: bytes, content_type: str, *, renewed: bool = False) -> dict:
         """POST to TorchServe; the JSON reply, or ClientError (its 4xx) / UpstreamError (5xx, down)."""
         headers = {"Content-Type": content_type, **self._headers()}
         try:
@@ -79,21 +89,47 @@ class TorchServeUpstream:
             except ValueError:
                 raise UpstreamError(f"TorchServe answered 200 with a body that is not JSON: {payload[:200]!r}", 502) from None
         text = torchserve_error_text(status, payload)
-        if 400 <= status < 500 and "InvalidKeyException" not in text:
+        refused_key = status in (400, 401) and "InvalidKeyException" in text
+        if refused_key and not renewed and await self._renew_inference_key():
+            return await self.post(path, body, content_type, renewed=True)
+        if 400 <= status < 500 and not refused_key:
             raise ClientError(text, status)
         raise UpstreamError(f"TorchServe answered {status}: {text}", status if status >= 500 else 503)
+
+    async def _renew_inference_key(self) -> bool:
+        """A new inference key from TorchServe's token API (it rewrites key_file.json)."""
+        if self.key_file is None or self.management_url is None:
+            return False
+        try:
+            api_key = self._keys()["API"]["key"]
+            async with self._session_now().post(f"{self.management_url}/token?type=inference",
+                                                headers={"Authorization": f"Bearer {api_key}"}) as response:
+                await response.read()
+                renewed = response.status == 200
+        except (OSError, ValueError, KeyError, TypeError, aiohttp.ClientError, asyncio.TimeoutError):
+            return False
+        self._key = None  # re-read, even if the file's mtime did not move
+        return renewed
 
     async def ready(self) -> bool:
         """TorchServe's /ping says Healthy (every model has its workers); cached for READY_TTL_S."""
         now = time.monotonic()
         if now - self._ready_at < READY_TTL_S:
             return self._ready
+        ready = await self._ping()
+        if ready is None and await self._renew_inference_key():  # the key expired
+            ready = await self._ping()
+        self._ready, self._ready_at = bool(ready), time.monotonic()
+        return self._ready
+
+    async def _ping(self) -> bool | None:
+        """Healthy or not; None when TorchServe refused the key."""
         try:
             async with self._session_now().get(self.inference_url + "/ping", headers=self._headers(),
                                                 timeout=aiohttp.ClientTimeout(total=2)) as response:
                 body = await response.read()
-                ready = response.status == 200 and json.loads(body).get("status") == "Healthy"
+                if response.status in (400, 401) and b"InvalidKeyException" in body:
+                    return None
+                return response.status == 200 and json.loads(body).get("status") == "Healthy"
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError):
-            ready = False
-        self._ready, self._ready_at = ready, time.monotonic()
-        return ready
+            return False

@@ -64,7 +64,7 @@ class FrontServerProcess:
         command = [sys.executable, "-m", "oip", "--torchserve", self.torchserve.inference_url, "--host", LOOPBACK,
                    "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port)]
         if self.torchserve.token_auth:
-            command += ["--key-file", str(self.torchserve.key_file)]
+            command += ["--key-file", str(self.torchserve.key_file), "--management", self.torchserve.management_url]
         for model in self.models:
             command += ["--model", model]
         return command

@@ -433,6 +433,24 @@ def test_kserve_sdk_health_predict_explain_v1_and_errors(front):
     assert results["capped"]["status"] == 422 and "cost_cap_exceeded" in results["capped"]["body"]["error"]
 
 
+def test_an_expired_inference_key_is_renewed_through_torchserves_token_api(deployments):
+    """TorchServe's keys expire after token_expiration_min: the front server, refused, asks the
+    token API for a new inference key with the API key and retries. Simulated by making the key it
+    reads wrong (an expired key is refused the same way: 400 InvalidKeyException)."""
+    stack = deployments["stack"]
+    key_file = stack.front.key_file
+    keys = json.loads(key_file.read_text())
+    refused = http_request(f"{stack.front.torchserve_url}/ping", headers={"Authorization": "Bearer not-the-key"})
+    assert refused.status == 400 and refused.json()["type"] == "InvalidKeyException"
+    keys["inference"]["key"] = "not-the-key"
+    key_file.write_text(json.dumps(keys))
+    time.sleep(1.1)  # past the front server's readiness cache
+    outputs = infer_with("triton-http-binary", stack.front, shape_png("cross"))
+    assert outputs["labels"][0][0][0] == b"cross"
+    renewed = json.loads(key_file.read_text())["inference"]["key"]
+    assert renewed not in ("not-the-key", "") and http_request(stack.front.url + "/v2/health/ready").status == 200
+
+
 # -- the make target's process handling (last: it stops the stack) ---------------------------
 
 
