@@ -57,6 +57,14 @@ class FrontServer(ModelServer):
                 logging.getLogger(name).setLevel(logging.WARNING)
         self.dataplane.ready = self._ready  # readiness is TorchServe's (this instance only)
         self.dataplane.metadata = self._metadata
+        self.dataplane.explain = self._v1_explain
+
+    async def _v1_explain(self, model_name: str, request, headers=None):
+        """The v1 explain route's call: KServe's own returns the request's headers as the response's
+        (a client's Authorization or Transfer-Encoding would come back); this returns none."""
+        model = await self.dataplane.get_model(model_name)
+        response, _ = await model(request, headers=headers, verb=InferenceVerb.EXPLAIN)
+        return response, {}
 
     async def _ready(self) -> bool:
         models = list(self.registered_models.get_models().values())

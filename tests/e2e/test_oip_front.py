@@ -406,6 +406,16 @@ def test_clients_see_the_errors_as_their_own_4xx(front):
         assert grpc_error.value.status() == "StatusCode.INVALID_ARGUMENT", grpc_error.value
 
 
+def test_v1_explain_does_not_echo_the_requests_headers(front):
+    """KServe's own v1 explain call returns the request's headers as the response's."""
+    body = json.dumps({"instances": [b64(shape_png("circle"))]}).encode()
+    reply = http_request(front.url + "/v1/models/shapes:explain", "POST", body,
+                         {**JSON, "Authorization": "Bearer secret", "X-Probe": "echo?"}, timeout=120)
+    assert reply.status == 200, reply.text
+    assert not {"authorization", "x-probe"} & {name.lower() for name in reply.headers}
+    assert reply.json()["explanations"][0]["predictions"][0]["label"] == "circle"
+
+
 # -- KServe's SDK ------------------------------------------------------------------------------
 
 
