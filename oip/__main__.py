@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m oip", description=__doc__.splitlines()[0])
     parser.add_argument("--torchserve", help="TorchServe's inference URL (not with --ts-config)")
     parser.add_argument("--key-file", type=Path, help="TorchServe's key_file.json when its token auth is on")
-    parser.add_argument("--management", help="TorchServe's management URL, to renew an expired inference key")
+    parser.add_argument("--management", help="TorchServe's management URL: the model's explainers for its metadata, "
+                                             "and renewing an expired inference key")
     parser.add_argument("--model", action="append", default=[], metavar="NAME[=TORCHSERVE_NAME]",
                         help="a model to serve (repeatable); default: the config's model_snapshot")
     parser.add_argument("--ts-config", type=Path, help="start TorchServe with this config.properties and own it")

@@ -29,6 +29,7 @@ class TorchServeModel(Model):
         self.upstream = upstream
         self.torchserve_model = torchserve_model or name
         self.ready = True  # it can forward; whether TorchServe can answer is healthy()'s question
+        self._explainers: list[str] | None = None  # allowed by the model, once TorchServe described it
 
     async def healthy(self) -> bool:
         return await self.upstream.ready()
@@ -37,14 +38,19 @@ class TorchServeModel(Model):
         # One image file (PNG, JPEG, ...) per element: raw bytes, or base64 text in JSON.
         return [{"name": IMAGE_INPUT, "datatype": "BYTES", "shape": [-1]}]
 
-    def get_output_types(self) -> list[dict]:
+    async def get_output_types(self) -> list[dict]:
+        """The predictions, and one ``explanation.<method>`` per explainer this model allows (from
+        TorchServe's description of it; ``explanation.{method}`` when that is unavailable). Each is
+        returned when asked for (parameter "explain", or the explain route): FP16 [1, H, W] by
+        default, FP32 [1, H, W] or BYTES [1] (PNG) with parameter "encoding"."""
+        if self._explainers is None:
+            self._explainers = await self.upstream.allowed_explainers(self.torchserve_model)
+        methods = self._explainers or ["{method}"]
         return [
             {"name": "scores", "datatype": "FP32", "shape": [-1, -1]},
             {"name": "labels", "datatype": "BYTES", "shape": [-1, -1]},
             {"name": "indices", "datatype": "INT64", "shape": [-1, -1]},
-            # One per explainer asked for (parameter "explain", or the explain route): FP16 [1, H, W]
-            # by default, FP32 [1, H, W] or BYTES [1] (PNG) with parameter "encoding".
-            {"name": EXPLANATION_PREFIX + "{method}", "datatype": "FP16", "shape": [1, -1, -1]},
+            *({"name": EXPLANATION_PREFIX + method, "datatype": "FP16", "shape": [1, -1, -1]} for method in methods),
         ]
 
     # -- the verbs --------------------------------------------------------------------------

@@ -96,6 +96,31 @@ class TorchServeUpstream:
             raise ClientError(text, status)
         raise UpstreamError(f"TorchServe answered {status}: {text}", status if status >= 500 else 503)
 
+    async def allowed_explainers(self, model: str) -> list[str] | None:
+        """The model's allowed explainers from TorchServe's description (the handler's custom
+        metadata, ``GET <management>/models/{m}?customized=true``); None when unknown."""
+        if self.management_url is None:
+            return None
+        headers = {}
+        if self.key_file is not None:
+            try:
+                headers["Authorization"] = f"Bearer {self._keys()['management']['key']}"
+            except (OSError, ValueError, KeyError, TypeError):
+                return None
+        try:
+            async with self._session_now().get(f"{self.management_url}/models/{model}?customized=true", headers=headers,
+                                                timeout=aiohttp.ClientTimeout(total=10)) as response:
+                if response.status != 200:
+                    return None
+                described = json.loads(await response.read())
+            metadata = described[0].get("customizedMetadata") or {}
+            if isinstance(metadata, str):  # the handler's JSON text, as some TorchServe versions pass it on
+                metadata = json.loads(metadata)
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError, KeyError, IndexError, TypeError):
+            return None
+        allowed = metadata.get("allowed_explainers") if isinstance(metadata, dict) else None
+        return [str(name) for name in allowed] if isinstance(allowed, list) else None
+
     async def _renew_inference_key(self) -> bool:
         """A new inference key from TorchServe's token API (it rewrites key_file.json)."""
         if self.key_file is None or self.management_url is None:

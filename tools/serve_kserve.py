@@ -62,9 +62,10 @@ class FrontServerProcess:
 
     def command(self) -> list[str]:
         command = [sys.executable, "-m", "oip", "--torchserve", self.torchserve.inference_url, "--host", LOOPBACK,
-                   "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port)]
+                   "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
+                   "--management", self.torchserve.management_url]
         if self.torchserve.token_auth:
-            command += ["--key-file", str(self.torchserve.key_file), "--management", self.torchserve.management_url]
+            command += ["--key-file", str(self.torchserve.key_file)]
         for model in self.models:
             command += ["--model", model]
         return command

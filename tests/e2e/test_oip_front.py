@@ -63,17 +63,27 @@ class Front:
     url: str  # OIP REST
     grpc: str  # OIP gRPC host:port
     torchserve_url: str
+    management_url: str
     key_file: Path | None = None
 
     @property
     def host_port(self) -> str:
         return self.url.removeprefix("http://")
 
+    def key(self, api: str) -> dict:
+        if self.key_file is None:
+            return {}
+        return {"Authorization": f"Bearer {json.loads(self.key_file.read_text())[api]['key']}"}
+
+    def describe(self) -> dict:
+        """TorchServe's own description of the model, with the handler's custom metadata."""
+        reply = http_request(f"{self.management_url}/models/shapes?customized=true", headers=self.key("management"))
+        assert reply.status == 200, reply.text
+        return reply.json()[0]
+
     def torchserve(self, route: str, document: dict) -> HttpReply:
         """TorchServe directly (the reference), with its inference key when auth is on."""
-        headers = dict(JSON)
-        if self.key_file is not None:
-            headers["Authorization"] = f"Bearer {json.loads(self.key_file.read_text())['inference']['key']}"
+        headers = {**JSON, **self.key("inference")}
         return http_request(f"{self.torchserve_url}/{route}/shapes", "POST", json.dumps(document).encode(), headers,
                             timeout=120)
 
@@ -91,7 +101,7 @@ class StackProcess:
                         "shapes=shapes.mar", "--config", str(LOCAL_CONFIG), "--run-root", str(run_root),
                         "--example-image", "docs/examples/circle.png"]
         self.front = Front("stack", f"http://127.0.0.1:{http}", f"127.0.0.1:{grpc}", f"http://127.0.0.1:{inference}",
-                           run_root / str(inference) / "key_file.json")
+                           f"http://127.0.0.1:{management}", run_root / str(inference) / "key_file.json")
         self.log_path = run_root / "serve_kserve.log"
         self.process: subprocess.Popen | None = None
         self.pids: set[int] = set()
@@ -164,7 +174,7 @@ def front(request, deployments) -> Front:
             pytest.fail("the stack was stopped by an earlier test")
         return stack.front
     pod = deployments["pod"]
-    return Front("pod", pod.url, pod.grpc_address, pod.inference_url)
+    return Front("pod", pod.url, pod.grpc_address, pod.inference_url, pod.management_url)
 
 
 # -- clients ----------------------------------------------------------------------------------
@@ -260,7 +270,11 @@ def test_health_and_metadata_with_every_client(front):
     assert model["inputs"] == [{"name": "image", "datatype": "BYTES", "shape": [-1]}]
     outputs = {output["name"]: (output["datatype"], output["shape"]) for output in model["outputs"]}
     assert outputs["scores"] == ("FP32", [-1, -1]) and outputs["labels"] == ("BYTES", [-1, -1])
-    assert outputs["explanation.{method}"] == ("FP16", [1, -1, -1])
+    metadata = front.describe()["customizedMetadata"]
+    allowed = (json.loads(metadata) if isinstance(metadata, str) else metadata)["allowed_explainers"]
+    assert len(allowed) > 5  # every registered explainer, in the demo's config
+    assert set(outputs) == {"scores", "labels", "indices"} | {f"explanation.{name}" for name in allowed}
+    assert all(outputs[f"explanation.{name}"] == ("FP16", [1, -1, -1]) for name in allowed)
     grpc_model = grpc.get_model_metadata("shapes")
     assert [(t.name, t.datatype, list(t.shape)) for t in grpc_model.inputs] == [("image", "BYTES", [-1])]
     assert {t.name for t in grpc_model.outputs} == set(outputs)
