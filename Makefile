@@ -8,7 +8,7 @@ TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 # The runtime image's name; deploy/kubernetes and deploy/kserve reference the same tag (tests check it).
 IMAGE := localhost/torchserve-xai:0.1.0
 
-.PHONY: image test test-fast serve view model-store monitor evaluate soak bench bench-quick system-deps clean
+.PHONY: image test test-fast serve serve-kserve view model-store monitor evaluate soak bench bench-quick system-deps clean
 
 VIEW_PORT ?= 8090
 
@@ -39,6 +39,14 @@ model-store: $(STAMP)
 serve: model-store
 	bash deploy/install-system-deps.sh java
 	$(PY) -m tools.serve --model-store model_store --models shapes=shapes.mar \
+	  --config deploy/torchserve/local.properties --example-image docs/examples/circle.png
+
+# TorchServe as for `make serve` (TS_*_ADDRESS, token auth on) behind the Open Inference Protocol
+# front server (package oip): REST on 127.0.0.1:${OIP_HTTP_PORT:-8088}, gRPC on ${OIP_GRPC_PORT:-8089}.
+# Ctrl-C stops both. docs/explanations-as-tensors.md has the protocol.
+serve-kserve: model-store
+	bash deploy/install-system-deps.sh java
+	$(PY) -m tools.serve_kserve --model-store model_store --models shapes=shapes.mar \
 	  --config deploy/torchserve/local.properties --example-image docs/examples/circle.png
 
 # The explanation viewer on 127.0.0.1:$(VIEW_PORT), to use beside `make serve`, whose config allows

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     if arguments.architectures_only and arguments.no_architectures:
         parser.error("--architectures-only and --no-architectures exclude each other")
 
-    from . import architectures, e2e, inprocess
+    from . import architectures, e2e, inprocess, oip_front
     from .models import RESNET50_FILE, demo_model, resnet50
 
     if arguments.threads:
@@ -103,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         report["architectures"] = architectures.run(architectures.plan_for(mode, arguments.architectures), device, log=log)
 
     if arguments.no_e2e or arguments.smoke or arguments.architectures_only:
+        report["oip_front"] = {"skipped": "--no-e2e" if arguments.no_e2e else "smoke mode" if arguments.smoke
+                               else "--architectures-only"}
         report["end_to_end"] = {"skipped": "--no-e2e" if arguments.no_e2e else "smoke mode" if arguments.smoke
                                 else "--architectures-only"}
     else:
@@ -110,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         report["end_to_end"] = guarded(e2e.run, demo.cpu(), demo_file, 64, [f"class{i}" for i in range(5)],
                                        concurrencies=[1, 8] if quick else [1, 4, 8], duration_s=2 if quick else 6,
                                        repetitions=1 if quick else 2, log=log)
+        # The Open Inference Protocol front server's share of a predict request (demo, ResNet-50).
+        report["oip_front"] = guarded(oip_front.run, quick=quick, log=log)
         if not quick:  # the predict path where the model's forward dominates, as in most deployments
             report["end_to_end_resnet50_predict"] = guarded(
                 e2e.run, resnet50(), RESNET50_FILE, 224, [f"class{i}" for i in range(1000)], concurrencies=[4], duration_s=10,
@@ -148,6 +152,8 @@ DEFINITIONS = {
                      "model_load_warmup_ms: the first predict_and_explain(saliency, guided_backprop, grad_cam) call on a "
                      "fresh model (builds and checks its rule model) minus the median warm call",
     "peak_memory": "peak of tensor memory allocated during one call (profiler allocator events on CPU)",
+    "oip_front": "predict through the OIP front server (binary tensor extension) vs TorchServe directly, one client, "
+                 "keep-alive, same image, interleaved, batchSize 1; share = median of per-round (front - direct) / median front",
 }
 
 
@@ -175,6 +181,9 @@ def goal_table(report: dict) -> list[dict]:
         from .architectures import goal_rows
 
         rows += goal_rows(report["architectures"])
+    from .oip_front import goal_rows as oip_goal_rows
+
+    rows += oip_goal_rows(report.get("oip_front", {}))
     for key, label in (("end_to_end", "demo (TorchServe)"), ("end_to_end_resnet50_predict", "resnet50 (TorchServe)")):
         goal = report.get(key, {}).get("summary", {}).get("goal_predict_throughput_ours_over_minimal")
         if goal:
@@ -207,6 +216,9 @@ def render(report: dict) -> str:
                     lines.append(f"  {case:<34}{stats['median']:9.1f} ms  [{stats['p25']}, {stats['p75']}]  x{stats['over_floor']}")
     for key in ("end_to_end", "end_to_end_resnet50_predict"):
         lines += render_e2e(report.get(key, {}), key)
+    from .oip_front import render as render_oip
+
+    lines += render_oip(report.get("oip_front", {}))
     return "\n".join(lines)
 
 

@@ -9,15 +9,19 @@ reads the metrics config from a path, so it must travel with the config).
 
 Why it is generated and not hand-written:
 
-- In a pod, models load from ``model_snapshot`` in config.properties (KServe's runtime starts
+- In a pod, models load from ``model_snapshot`` in config.properties (the runtime starts
   ``torchserve --start --model-store=/mnt/models/model-store --ts-config=...`` with no --models),
   and the snapshot's batchSize, workers and timeouts override the archive's model-config.yaml.
   The generator copies them from that file so the two cannot drift.
-- Under KServe the protocol arrives as ``TS_SERVICE_ENVELOPE``, which TorchServe reads only with
-  ``enable_envvars_config=true``; its envelopes keep request 0 of a batch only, so batchSize must
-  be 1 there (the other requests of a batch would get no answer).
-- Token auth is off: every replica would make its own random keys and KServe's router sends
-  none. Authentication belongs to the ingress or mesh (deploy/kubernetes/oauth2-proxy, README).
+- Under KServe the pod runs our Open Inference Protocol front server (package ``oip``) on KServe's
+  ports 8080 (REST v1/v2) and 8081 (gRPC v2); it starts TorchServe with this config and forwards
+  to its plain inference API on loopback. So TorchServe binds 127.0.0.1:8085/8086 only, needs no
+  envelope (the front server speaks the protocols) and keeps the model's own batching.
+- Token auth is off. Kubernetes target: every replica would make its own random keys and no
+  client can hold them all (authenticate at the edge: deploy/kubernetes/oauth2-proxy). KServe
+  target: only the front server (and the pod's other containers, which share its loopback) can
+  reach TorchServe, and its keys would expire after ``token_expiration_min`` with nobody to
+  rotate them; authentication belongs to the ingress or mesh.
 """
 
 from __future__ import annotations
@@ -46,18 +50,22 @@ TARGETS = ("kserve", "kubernetes")
 
 @dataclass(frozen=True)
 class ClusterAddresses:
-    # KServe sends predictor traffic to the container's port 8080. Management stays on loopback:
-    # with the model API off it only describes workers, and nothing outside the pod needs it.
+    # A Deployment's Service sends traffic to TorchServe's port 8080. Management stays on
+    # loopback: with the model API off it only describes workers, and nothing outside the pod needs it.
     inference: str = "http://0.0.0.0:8080"
     management: str = "http://127.0.0.1:8081"
     metrics: str = "http://0.0.0.0:8082"
     grpc_host: str = "127.0.0.1"
 
 
-def model_snapshot(model_config: Mapping[str, Any], *, model_name: str, mar_name: str, version: str,
-                   envelope_from_env: bool) -> dict[str, Any]:
+# Under KServe the front server owns 8080 (REST) and 8081 (gRPC); TorchServe is reached on
+# loopback only. Metrics stay on 8082 for Prometheus.
+KSERVE_ADDRESSES = ClusterAddresses(inference="http://127.0.0.1:8085", management="http://127.0.0.1:8086")
+
+
+def model_snapshot(model_config: Mapping[str, Any], *, model_name: str, mar_name: str, version: str) -> dict[str, Any]:
     """TorchServe's startup snapshot for one model, its settings taken from model-config.yaml."""
-    batch_size = 1 if envelope_from_env else int(model_config.get("batchSize", 1))
+    batch_size = int(model_config.get("batchSize", 1))
     entry = {
         "defaultVersion": True,
         "marName": mar_name,
@@ -74,19 +82,20 @@ def model_snapshot(model_config: Mapping[str, Any], *, model_name: str, mar_name
 
 def cluster_properties(model_config: Mapping[str, Any], *, model_name: str, target: str,
                        mar_name: str | None = None, version: str = "1.0",
-                       addresses: ClusterAddresses = ClusterAddresses(),
+                       addresses: ClusterAddresses | None = None,
                        models_root: str = MODELS_ROOT) -> dict[str, str]:
     """config.properties entries for a pod of `target` ("kserve" or "kubernetes")."""
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
-    envelope_from_env = target == "kserve"
+    if addresses is None:
+        addresses = KSERVE_ADDRESSES if target == "kserve" else ClusterAddresses()
     configured = (model_config.get("handler") or {}).get("envelope")
-    if envelope_from_env and configured:
-        # The handler would keep that envelope whatever protocol the InferenceService asks for.
-        raise ValueError(f"model-config.yaml sets handler.envelope={configured!r}; under KServe the "
-                         "envelope comes from the pod (TS_SERVICE_ENVELOPE): remove it")
+    if configured:
+        # The handler would answer in an envelope that neither the front server nor a client expects.
+        raise ValueError(f"model-config.yaml sets handler.envelope={configured!r}; in a pod TorchServe serves its "
+                         "plain API (under KServe the oip front server speaks the protocols): remove it")
     snapshot = model_snapshot(model_config, model_name=model_name, mar_name=mar_name or f"{model_name}.mar",
-                              version=version, envelope_from_env=envelope_from_env)
+                              version=version)
     store = f"{models_root}/model-store"
     return {
         "inference_address": addresses.inference,
@@ -96,7 +105,7 @@ def cluster_properties(model_config: Mapping[str, Any], *, model_name: str, targ
         "grpc_management_address": addresses.grpc_host,
         "disable_token_authorization": "true",
         "enable_model_api": "false",
-        "enable_envvars_config": "true" if envelope_from_env else "false",
+        "enable_envvars_config": "false",
         "model_store": store,
         "model_snapshot": json.dumps(snapshot, separators=(",", ":")),
         "allowed_urls": f"^file://{store}/[A-Za-z0-9_.-]+[.]mar$",
@@ -110,7 +119,7 @@ def cluster_properties(model_config: Mapping[str, Any], *, model_name: str, targ
 
 
 HEADER = {
-    "kserve": "KServe pods: token auth off (auth at the ingress/mesh), envelope from TS_SERVICE_ENVELOPE, batch size 1.",
+    "kserve": "KServe pods: TorchServe on loopback behind the oip front server, token auth off (auth at the ingress/mesh), the model's batching.",
     "kubernetes": "Kubernetes Deployment pods: token auth off (auth at the edge), no envelope, the model's batch size.",
 }
 

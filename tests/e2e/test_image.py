@@ -1,5 +1,5 @@
 """The runtime image builds from a Debian root filesystem and answers from inside the container:
-KServe v1 predict and explain, /ping and /metrics, as uid 1000, with the storage's model store
+KServe v1 predict and explain through the OIP front server, /v2/health/ready and /metrics, as uid 1000, with the storage's model store
 mounted at /mnt/models/model-store.
 
 Slow (debootstrap about a minute, then pip installs torch and the wheel: several minutes on two
@@ -65,13 +65,13 @@ def test_image_builds_and_serves_from_the_container(tmp_path):
         inference, metrics = free_ports(2)
         subprocess.run([*PODMAN, "run", "-d", "--name", name, "--ulimit", "nofile=4096:4096", "--ulimit", "nproc=4096:4096",
                         "-p", f"127.0.0.1:{inference}:8080", "-p", f"127.0.0.1:{metrics}:8082",
-                        "-v", f"{store}:/mnt/models/model-store:ro", "-e", "TS_SERVICE_ENVELOPE=kserve", tag],
+                        "-v", f"{store}:/mnt/models/model-store:ro", tag],
                        check=True, capture_output=True, text=True)
         base = f"http://127.0.0.1:{inference}"
         deadline = time.monotonic() + 180
         while True:
             try:
-                if http_request(base + "/ping", timeout=2).status == 200:
+                if http_request(base + "/v2/health/ready", timeout=2).status == 200:  # the front server
                     break
             except OSError:
                 pass

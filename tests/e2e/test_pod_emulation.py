@@ -1,6 +1,8 @@
-"""The pods of deploy/ run as local processes: KServe v1 and v2 pods of our ServingRuntime and a
-pod of the Kubernetes Deployment, each with exactly the manifest's args, environment and working
-directory and the generated config (support/pod_emulation.py says what is moved, and why).
+"""The pods of deploy/ run as local processes: KServe v1 and v2 pods of our ServingRuntime (the
+oip front server owning TorchServe) and a pod of the Kubernetes Deployment, each with exactly the
+manifest's args, environment and working directory and the generated config
+(support/pod_emulation.py says what is moved, and why). tests/e2e/test_oip_front.py drives a
+KServe pod with real OIP clients.
 
 Then a real Prometheus scrapes the three, labelled as kubernetes_sd would label them, and every
 autoscaling query of deploy/ is evaluated under bounded load: each returns exactly one sample and
@@ -69,19 +71,25 @@ def pods(tmp_path_factory):
 
 
 def v1(pod, verb, instances):
-    return http_request(f"{pod.inference_url}/v1/models/shapes:{verb}", "POST", json.dumps({"instances": instances}).encode(), JSON, timeout=60)
+    return http_request(f"{pod.url}/v1/models/shapes:{verb}", "POST", json.dumps({"instances": instances}).encode(), JSON, timeout=60)
 
 
-def v2(pod, verb, image):
+def v2(pod, verb, image, parameters=None):
     tensor = {"name": "image", "shape": [1], "datatype": "BYTES", "data": [image]}
-    return http_request(f"{pod.inference_url}/v2/models/shapes/{verb}", "POST",
-                        json.dumps({"id": "r", "inputs": [tensor]}).encode(), JSON, timeout=60)
+    document = {"id": "r", "inputs": [tensor], **({"parameters": parameters} if parameters else {})}
+    return http_request(f"{pod.url}/v2/models/shapes/{verb}", "POST", json.dumps(document).encode(), JSON, timeout=60)
 
 
 def test_pods_run_the_manifest_command_and_the_generated_config(pods):
     for name, pod in pods.items():
         command = pod.command()
-        assert command[1:] == [pod.mapped(argument) for argument in container_for(name)["args"][1:]]
+        arguments = container_for(name)["args"]
+        if pod.runs_front_server:
+            ports = {f"--http-port={pod.front_http_port}", f"--grpc-port={pod.front_grpc_port}"}
+            assert command[1:5] == ["-m", "oip", "--host", "127.0.0.1"]
+            assert [a for a in command[5:] if a not in ports] == [pod.mapped(a) for a in arguments[1:] if "-port=" not in a]
+        else:
+            assert command[1:] == [pod.mapped(argument) for argument in arguments[1:]]
         committed = m.properties(m.KSERVE / "model-repository" / "config" / "config.properties" if PODS[name][1] == "kserve"
                                  else m.KUBERNETES / "base" / "config.properties")
         moved = {"inference_address", "management_address", "metrics_address", "grpc_inference_port",
@@ -107,11 +115,12 @@ def test_kserve_v2_pod_predicts_and_explains(pods):
     image = b64(shape_png("cross"))
     predict = v2(pod, "infer", image)
     assert predict.status == 200, predict.text
-    output = predict.json()["outputs"][0]
-    assert output["datatype"] == "BYTES" and json.loads(output["data"][0])["predictions"][0]["label"] == "cross"
-    explain = v2(pod, "explain", image)
+    outputs = {output["name"]: output for output in predict.json()["outputs"]}
+    assert outputs["labels"]["datatype"] == "BYTES" and outputs["labels"]["data"][0] == "cross"
+    explain = v2(pod, "explain", image, {"encoding": "png"})  # PNGs: base64 text in JSON
     assert explain.status == 200, explain.text
-    assert set(json.loads(explain.json()["outputs"][0]["data"][0])["explanations"]) == {"guided_backprop", "grad_cam"}
+    names = {output["name"] for output in explain.json()["outputs"]}
+    assert names == {"scores", "labels", "indices", "explanation.guided_backprop", "explanation.grad_cam"}
 
 
 def test_deployment_pod_serves_the_plain_routes_batched(pods):
@@ -133,10 +142,10 @@ def test_every_pod_answers_ping_without_a_token_and_exports_our_metrics(pods):
         assert "ts_inference_requests_total{" in metrics.text or name == "deployment"
 
 
-def test_kserve_batch_size_is_one_under_the_envelope(pods):
+def test_kserve_pods_keep_the_models_batching_behind_the_front_server(pods):
     for name in ("kserve-v1", "kserve-v2"):
         described = http_request(f"{pods[name].management_url}/models/shapes").json()[0]
-        assert described["batchSize"] == 1, name
+        assert described["batchSize"] == yaml.safe_load(MODEL_CONFIG.read_text())["batchSize"], name
 
 
 # -- autoscaling queries --------------------------------------------------------------------
@@ -177,7 +186,7 @@ def send_load(pods, clients_per_pod: int, seconds: float, limit: int = 2000) -> 
             if name == "kserve-v1":
                 reply = v1(pod, verb, [{"data": image}])
             elif name == "kserve-v2":
-                reply = v2(pod, "explain" if verb == "explain" else "infer", image)
+                reply = v2(pod, "explain" if verb == "explain" else "infer", image, {"encoding": "png"})
             else:
                 route = "explanations" if verb == "explain" else "predictions"
                 reply = http_request(f"{pod.inference_url}/{route}/shapes", "POST", json.dumps({"image": image}).encode(), JSON, timeout=60)

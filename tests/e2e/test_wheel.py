@@ -86,7 +86,7 @@ def test_wheel_holds_the_plugin_and_declares_its_dependencies(wheel):
         metadata = email.message_from_string(archive.read(metadata_name).decode())
     for module in ("handlers/image_explainer.py", "handlers/model_loading.py", "handlers/torchserve_metrics.yaml", "explainers/__init__.py",
                    "serving/service.py", "tools/archive.py", "tools/torchserve.py",
-                   "tools/kserve_config.py", "demo/allconv.py"):
+                   "tools/kserve_config.py", "tools/serve_kserve.py", "oip/__main__.py", "oip/model.py", "demo/allconv.py"):
         assert module in names, module
     assert not any(name.startswith("tests/") for name in names)
     requirements = metadata.get_all("Requires-Dist")
@@ -95,6 +95,11 @@ def test_wheel_holds_the_plugin_and_declares_its_dependencies(wheel):
     assert "vision" in metadata.get_all("Provides-Extra")
     assert any("torchvision" in r and "extra" in r for r in requirements)  # optional, not required
     assert metadata["Requires-Python"] == ">=3.10"
+    # The OIP front server: its extra, and the command the runtime image's pods run.
+    assert any(r.replace(" ", "").startswith("kserve==") and 'extra=="kserve"' in r.replace(" ", "") for r in requirements)
+    entry_points = next(name for name in names if name.endswith(".dist-info/entry_points.txt"))
+    with zipfile.ZipFile(wheel) as archive:
+        assert "torchserve-xai-oip = oip.__main__:main" in archive.read(entry_points).decode()
 
 
 def test_installed_wheel_archives_and_serves_with_and_without_the_plugin_installed(wheel, tmp_path):

@@ -2,9 +2,10 @@
 manifest, its volumes as directories, and the generated cluster config.
 
 What differs from a cluster, and only that: absolute paths (/mnt/models, /home/model-server) are
-moved under a run directory, `torchserve` is the launcher of this environment, and the config's
-listeners move from 0.0.0.0:8080/8082 and 127.0.0.1:8081 to free loopback ports (with free gRPC
-ports), so several pods run side by side. The environment is the container's alone (plus PATH,
+moved under a run directory, `torchserve` is the launcher of this environment and
+`torchserve-xai-oip` (the front server of the KServe runtime) this interpreter's `-m oip`, and the
+listeners (the config's TorchServe addresses, the front server's --http-port/--grpc-port) move to
+free loopback ports (with free gRPC ports), so several pods run side by side. The environment is the container's alone (plus PATH,
 HOME, LANG and JAVA_HOME), not the test's: with enable_envvars_config=true, a stray TS_* variable
 of the test process would otherwise change the server.
 """
@@ -28,6 +29,7 @@ from tools.torchserve import pid_is_alive, torchserve_launcher
 from tools.prometheus import PrometheusServer
 
 ABSOLUTE_ROOTS = ("/mnt/models", "/home/model-server")
+FRONT_SERVER = "torchserve-xai-oip"
 
 
 class PodError(RuntimeError):
@@ -46,7 +48,8 @@ class EmulatedPod:
         self.model_name = model_name
         self.startup_timeout = startup_timeout
         self.paths = {root: self.run_dir / root.strip("/").replace("/", "_") for root in ABSOLUTE_ROOTS}
-        inference, management, metrics, grpc_inference, grpc_management = free_ports(5)
+        inference, management, metrics, grpc_inference, grpc_management, front_http, front_grpc = free_ports(7)
+        self.front_http_port, self.front_grpc_port = front_http, front_grpc
         self.inference_url = f"http://127.0.0.1:{inference}"
         self.management_url = f"http://127.0.0.1:{management}"
         self.metrics_url = f"http://127.0.0.1:{metrics}"
@@ -72,11 +75,32 @@ class EmulatedPod:
             raise PodError(f"unresolved template in {value!r}: pass its label")
         return value
 
+    @property
+    def runs_front_server(self) -> bool:
+        arguments = list(self.container.get("command", [])) + list(self.container.get("args", []))
+        return arguments[0] == FRONT_SERVER
+
+    @property
+    def url(self) -> str:
+        """What the container's port 8080 serves: the front server, else TorchServe's inference API."""
+        return f"http://127.0.0.1:{self.front_http_port}" if self.runs_front_server else self.inference_url
+
+    @property
+    def grpc_address(self) -> str:
+        return f"127.0.0.1:{self.front_grpc_port}"
+
     def command(self) -> list[str]:
         arguments = list(self.container.get("command", [])) + list(self.container.get("args", []))
-        if arguments[0] != "torchserve":
-            raise PodError(f"the container does not run torchserve: {arguments}")
-        return [str(torchserve_launcher())] + [self.mapped(argument) for argument in arguments[1:]]
+        if arguments[0] == "torchserve":
+            return [str(torchserve_launcher())] + [self.mapped(argument) for argument in arguments[1:]]
+        if arguments[0] != FRONT_SERVER:
+            raise PodError(f"the container runs neither torchserve nor {FRONT_SERVER}: {arguments}")
+        moved = {"--http-port": self.front_http_port, "--grpc-port": self.front_grpc_port}
+        command = [sys.executable, "-m", "oip", "--host", "127.0.0.1"]
+        for argument in arguments[1:]:
+            option = argument.partition("=")[0]
+            command.append(f"{option}={moved[option]}" if option in moved else self.mapped(argument))
+        return command
 
     def environment(self) -> dict[str, str]:
         environment = {
@@ -148,9 +172,10 @@ class EmulatedPod:
                 ping = http_request(self.inference_url + "/ping", timeout=2)
                 described = http_request(f"{self.management_url}/models/{self.model_name}", timeout=2)
                 workers = described.json()[0].get("workers", []) if described.status == 200 else []
-                if ping.status == 200 and any(worker.get("status") == "READY" for worker in workers):
+                front = http_request(self.url + "/v2/health/ready", timeout=2).status if self.runs_front_server else 200
+                if ping.status == 200 and front == 200 and any(worker.get("status") == "READY" for worker in workers):
                     return
-                state = f"/ping {ping.status}, model {described.status}, workers {workers}"
+                state = f"/ping {ping.status}, front {front}, model {described.status}, workers {workers}"
             except OSError as error:
                 state = f"not answering: {error}"
             time.sleep(0.5)

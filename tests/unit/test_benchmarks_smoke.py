@@ -30,6 +30,7 @@ def test_smoke_run_writes_the_report_layout(tmp_path, capsys):
         assert ig["speedup"]["status"] in ("ok", "short")
         assert ig["peak_memory_mib"]["ours"] > 0 and ig["peak_memory_mib"]["captum"] > 0
     assert report["end_to_end"] == {"skipped": "smoke mode"}
+    assert report["oip_front"] == {"skipped": "smoke mode"}
 
     resnet18 = report["architectures"]["models"]["resnet18"]
     assert report["architectures"]["input_size"] == [64, 64]

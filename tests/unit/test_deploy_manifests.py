@@ -9,6 +9,7 @@ metric names) are checked where a cluster would only show them as a broken rollo
 from __future__ import annotations
 
 import copy
+import json
 import re
 
 import jsonschema
@@ -99,14 +100,16 @@ def test_the_packaged_metrics_config_is_the_deployed_one():
     assert kserve_config.METRICS_YAML.read_bytes() == (m.DEPLOY / "torchserve" / "metrics.yaml").read_bytes()
 
 
-def test_kserve_config_takes_the_envelope_from_the_pod_with_batch_size_one():
+def test_kserve_config_puts_torchserve_on_loopback_behind_the_front_server_with_the_models_batching():
     config = m.properties(KSERVE_CONFIG)
-    assert config["enable_envvars_config"] == "true"
-    assert "service_envelope" not in config  # it would pin one protocol for both InferenceServices
+    assert config["enable_envvars_config"] == "false"  # no TS_* variable can move it
+    assert "service_envelope" not in config  # the front server speaks the protocols
     entry = snapshot_entry(config)
-    assert entry["batchSize"] == 1 and model_config()["batchSize"] > 1
-    for key in ("minWorkers", "maxWorkers", "maxBatchDelay", "responseTimeout"):
+    for key in ("batchSize", "minWorkers", "maxWorkers", "maxBatchDelay", "responseTimeout"):
         assert entry[key] == model_config()[key], key
+    for key in ("inference_address", "management_address"):
+        assert config[key].startswith("http://127.0.0.1:"), key  # only the front server reaches it
+        assert m.port_of(config[key]) not in (8080, 8081), key  # the front server's REST and gRPC ports
     assert config["disable_token_authorization"] == "true"
     assert config["metrics_mode"] == "prometheus"
     assert config["metrics_config"] == "/mnt/models/config/metrics.yaml"
@@ -124,8 +127,9 @@ def test_kubernetes_config_keeps_the_models_batching_and_reads_no_environment():
 def test_the_generator_refuses_what_would_break_a_pod():
     config = model_config()
     config["handler"]["envelope"] = "kserve"
-    with pytest.raises(ValueError, match="envelope"):
-        kserve_config.cluster_properties(config, model_name="shapes", target="kserve")
+    for target in kserve_config.TARGETS:
+        with pytest.raises(ValueError, match="envelope"):
+            kserve_config.cluster_properties(config, model_name="shapes", target=target)
     config = model_config()
     config["minWorkers"], config["maxWorkers"] = 2, 1
     with pytest.raises(ValueError, match="workers"):
@@ -173,17 +177,23 @@ def test_ports_probes_and_scrape_annotations_match_the_configs():
     runtime = serving_runtime()
     (kserve_container,) = runtime["spec"]["containers"]
     assert kserve_container["name"] == "kserve-container"  # the name KServe merges the predictor into
-    assert [port["containerPort"] for port in kserve_container["ports"]] == [m.port_of(kserve["inference_address"])] == [8080]
+    # The front server: REST first (KServe routes to the first port), gRPC named h2c.
+    ports = [(port["containerPort"], port.get("name")) for port in kserve_container["ports"]]
+    assert ports == [(8080, "http1"), (8081, "h2c")]
+    assert {"--http-port=8080", "--grpc-port=8081"} <= set(kserve_container["args"])
     assert runtime["spec"]["annotations"]["prometheus.kserve.io/port"] == str(m.port_of(kserve["metrics_address"]))
-    for probe in ("readinessProbe", "livenessProbe"):
-        assert kserve_container[probe]["httpGet"] == {"path": "/ping", "port": 8080}, probe
+    assert kserve["metrics_address"] == "http://0.0.0.0:8082"
+    assert kserve_container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": 8080}
+    assert kserve_container["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": 8080}
 
 
-def test_the_runtime_passes_the_protocol_as_the_envelope_and_serves_both_services():
+def test_the_runtime_runs_the_front_server_for_every_protocol_and_serves_both_services():
     runtime = serving_runtime()
     (container,) = runtime["spec"]["containers"]
     environment = {entry["name"]: entry.get("value") for entry in container["env"]}
-    assert environment["TS_SERVICE_ENVELOPE"] == "{{.Labels.serviceEnvelope}}"
+    assert "TS_SERVICE_ENVELOPE" not in environment  # one front server answers v1, v2 and gRPC v2
+    assert container["args"][0] == "torchserve-xai-oip"
+    assert set(runtime["spec"]["protocolVersions"]) == {"v1", "v2", "grpc-v2"}
     formats = {entry["name"] for entry in runtime["spec"]["supportedModelFormats"]}
     for protocol in ("v1", "v2"):
         service = m.find(m.render(m.KSERVE), "InferenceService", f"shapes-{protocol}")
@@ -196,13 +206,17 @@ def test_the_runtime_passes_the_protocol_as_the_envelope_and_serves_both_service
         assert annotations["serving.kserve.io/deploymentMode"] in ("Standard", "RawDeployment")
 
 
-def test_the_deployment_and_the_runtime_run_the_same_command_and_image():
+def test_the_deployment_and_the_runtime_run_the_same_storage_and_image():
     container = m.container_named(deployment()["spec"]["template"]["spec"], "torchserve")
     (runtime_container,) = serving_runtime()["spec"]["containers"]
-    assert container["args"] == runtime_container["args"]
-    assert "--model-store=/mnt/models/model-store" in container["args"]
-    assert "--ts-config=/mnt/models/config/config.properties" in container["args"]
+    for arguments in (container["args"], runtime_container["args"]):
+        assert "--model-store=/mnt/models/model-store" in arguments
+        assert "--ts-config=/mnt/models/config/config.properties" in arguments
     assert "--foreground" in container["args"]  # otherwise the launcher exits and the pod with it
+    # The image's default command is the runtime's (the front server owning TorchServe).
+    containerfile = (m.DEPLOY / "container" / "Containerfile").read_text()
+    command = json.loads(re.search(r"^CMD (\[.*\])$", containerfile, re.M).group(1))
+    assert command == runtime_container["args"]
     makefile_image = re.search(r"^IMAGE := (\S+)$", (m.REPO_ROOT / "Makefile").read_text(), re.M).group(1)
     assert container["image"] == runtime_container["image"] == makefile_image
     mounts = {mount["mountPath"] for mount in container["volumeMounts"]}
