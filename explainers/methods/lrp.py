@@ -60,7 +60,8 @@ _NAMES = {
     "Softmax": "softmax", "LogSoftmax": "log_softmax", "NativeLayerNorm": "layer_norm",
     "NativeGroupNorm": "group_norm", "Sigmoid": "sigmoid", "Hardsigmoid": "hardsigmoid", "Tanh": "tanh",
     "Convolution": "convolution outside an nn.Conv1d/2d/3d module call (a functional call or a subclass)",
-    "NativeBatchNorm": "batch_norm outside a plain nn.BatchNorm module call",
+    "NativeBatchNorm": "instance_norm or batch_norm with batch statistics (normalising by the input's own statistics)",
+    "CudnnBatchNorm": "instance_norm or batch_norm with batch statistics (normalising by the input's own statistics)",
 }
 for _matrix in ("Mm", "Bmm", "Matmul", "Addmm", "Baddbmm", "Addbmm", "Einsum", "Dot", "Mv"):
     _NAMES[_matrix] = f"{_matrix.lower()} (a matrix product outside an nn.Linear module call, e.g. attention)"
