@@ -111,10 +111,15 @@ def _gamma_mod(tensor: torch.Tensor | None, gamma: float, minimum=None, maximum=
 
 def epsilon_rule(epsilon: float):
     """LRP-epsilon: ``R_x = x * W^T (R_z / stab(z))``, i.e. the gradient at ``z`` times ``z / stab(z)``,
-    carried on by the layer's own backward."""
+    carried on by the layer's own backward. ``z / stab(z) = |z| / (|z| + eps)`` (zero at ``z = 0``)."""
     def rule(call, x, z, g):
-        return "output_gradient", g * (z / stabilize(z, epsilon))
+        magnitude = z.abs()
+        return "output_gradient", g * magnitude.div_(magnitude + epsilon)
     return rule
+
+
+def _non_negative(x: torch.Tensor) -> bool:
+    return x.numel() == 0 or bool(x.min() >= 0)
 
 
 def z_plus_rule(call: SiteCall, x: torch.Tensor, z: torch.Tensor, g: torch.Tensor):
@@ -125,16 +130,23 @@ def z_plus_rule(call: SiteCall, x: torch.Tensor, z: torch.Tensor, g: torch.Tenso
     b_pos = layer.parameter("b+", lambda: _clamp(layer.bias, minimum=0))
     relevance = z * g
     with torch.enable_grad():
-        if bool((x >= 0).all()):  # after a ReLU: the x- half is zero
+        if _non_negative(x):  # after a ReLU: the x- half is zero
+            # z+ >= 0 here, so stab(z+) = z+ + eps: the stabiliser rides in the bias, for free.
+            b_stable = layer.parameter("b+eps", lambda: _shifted(b_pos, layer.weight.shape[0], layer.weight))
             x_pos = _leaf(x)
-            z_pos = layer.forward(x_pos, w_pos, b_pos)
-            (gradient,) = torch.autograd.grad(z_pos, x_pos, relevance / stabilize(z_pos.detach()))
+            z_pos = layer.forward(x_pos, w_pos, b_stable)
+            (gradient,) = torch.autograd.grad(z_pos, x_pos, relevance.div_(z_pos.detach()))
             return "gradient", gradient
         w_neg = layer.parameter("w-", lambda: layer.weight.clamp(max=0))
         x_pos, x_neg = _leaf(x.clamp(min=0)), _leaf(x.clamp(max=0))
         z_pos = layer.forward(x_pos, w_pos, b_pos) + layer.forward(x_neg, w_neg, None)
         grad_pos, grad_neg = torch.autograd.grad(z_pos, (x_pos, x_neg), relevance / stabilize(z_pos.detach()))
     return "gradient", torch.where(x > 0, grad_pos, grad_neg)
+
+
+def _shifted(bias: torch.Tensor | None, channels: int, like: torch.Tensor) -> torch.Tensor:
+    base = torch.zeros(channels, dtype=like.dtype, device=like.device) if bias is None else bias
+    return base + DEFAULT_STABILIZER
 
 
 def gamma_rule(gamma: float):
@@ -150,7 +162,7 @@ def gamma_rule(gamma: float):
         relevance = z * g
         positive = relevance * (z > 0)
         negative = relevance * (z < 0)
-        has_negative_inputs = not bool((x >= 0).all())
+        has_negative_inputs = not _non_negative(x)
         with torch.enable_grad():
             x_pos = _leaf(x.clamp(min=0)) if has_negative_inputs else _leaf(x)
             leaves = [x_pos]

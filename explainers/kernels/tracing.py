@@ -140,9 +140,10 @@ def trace_rule_model(model: nn.Module, layer_sites: bool = False) -> torch.fx.Gr
     eval-mode batch norm at call time).
 
     With ``layer_sites``, every convolution and linear module call (with the batch norm right after
-    it), every other batch norm and every activation whose gradient is not its relevance rule ends in
-    a :func:`layer_sites.layer_site` call (see :func:`_insert_layer_sites`). ReLUs after a site run out
-    of place (the site's output is its saved ``z``).
+    it, and the ReLU right after that), every other batch norm and every activation whose gradient is
+    not its relevance rule ends in a :func:`layer_sites.layer_site` call (see
+    :func:`_insert_layer_sites`). A ReLU that reads a site's output runs out of place (the site
+    saves that output).
 
     Raises:
         Exception: whatever ``torch.fx`` raises for a model it cannot trace.
@@ -231,6 +232,22 @@ def _through_offer(node: torch.fx.Node) -> torch.fx.Node:
     return user if user is not None and user.op == "call_function" and user.target is offer else node
 
 
+def _through_relu(node: torch.fx.Node, modules: dict[str, nn.Module]) -> torch.fx.Node:
+    """The ReLU that is ``node``'s only reader (and its offer), else ``node``.
+
+    A site that ends after its ReLU sees ``a = relu(z)`` and ``g_a``: the relevance ``a · g_a`` is
+    ``z · g_z`` and every rule reads ``z`` only through it (and its sign), so the site saves the
+    tensor the ReLU saves anyway, and the ReLU may stay in place.
+    """
+    reader = _single_user(node)
+    if reader is None:
+        return node
+    call = _activation_call(reader, modules)
+    if call is None or call[0] != "relu" or call[3] or len(call[2]) != 1 or call[2][0] is not node:
+        return node
+    return _through_offer(reader)
+
+
 def _insert_layer_sites(graph: torch.fx.Graph, modules: dict[str, nn.Module]) -> None:
     """A :func:`layer_site` after every convolution or linear module call (merged with the batch norm
     that is its only reader) and after every other batch norm module call.
@@ -258,6 +275,7 @@ def _insert_layer_sites(graph: torch.fx.Graph, modules: dict[str, nn.Module]) ->
             kind, batch_norm_node, end = BATCH_NORM, node, _through_offer(node)
         else:
             continue
+        end = _through_relu(end, modules)
         with graph.inserting_after(end):
             layer_node = graph.get_attr(node.target) if kind != BATCH_NORM else None
         with graph.inserting_after(layer_node if layer_node is not None else end):
