@@ -162,12 +162,16 @@ class LRP(GradientRuleExplainer):
         epsilon: the epsilon rule's stabiliser (default 1e-6, zennit's).
         gamma: the gamma rule's weight on positive contributions (default 0.25).
         low, high: the bounds of the z^B (box) rule at a first layer, in model-input space: a number
-            or one per channel. Default: each channel's minimum and maximum over the batch.
+            or one per channel. Default: each channel's minimum and maximum over the batch; the
+            request service passes the values of pixels 0 and 1 under the model's normalisation.
     """
 
     shares_forward = True
     applies_rules = True
     needs_layer_sites = True
+    # Takes ``low``/``high``: a server that knows the model's normalisation passes the model-input
+    # values of pixels 0 and 1 per channel.
+    takes_input_bounds = True
 
     def __init__(self, model: nn.Module, *, composite: str = "epsilon_plus_flat", epsilon: float = 1e-6,
                  gamma: float = 0.25, low: float | Sequence[float] | None = None,

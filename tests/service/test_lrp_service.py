@@ -90,3 +90,15 @@ def test_archive_time_checks_report_lrp_unavailable_instead_of_failing():
     assert described["explainers"]["lrp"]["error"]["operation"] == "sigmoid"
     supported, _ = measure(seeded(ModuleReluNet(classes=4)), ["lrp"], {}, inputs, settings)
     assert supported.explainers["lrp"].scores is not None and supported.describe()["unavailable_explainers"] == []
+
+
+def test_the_service_passes_the_pixel_range_under_the_models_normalisation_as_box_bounds():
+    service = ExplanationService(seeded(ModuleReluNet(classes=4)), _settings())
+    # mean 0.5, std 0.25: pixels 0 and 1 are -2 and 2 in model-input space.
+    assert service._pixel_bounds("lrp") == {"low": [-2.0] * 3, "high": [2.0] * 3}
+    assert service._pixel_bounds("saliency") == {} and service._pixel_bounds("no_such_method") == {}
+    explainers_built = service._explainers(type("Request", (), {
+        "explainers": ["lrp"], "method_options": {"lrp": {"composite": "epsilon_gamma_box", "high": 1.5}}})())
+    assert explainers_built[0].low.tolist() == [-2.0] * 3 and explainers_built[0].high.tolist() == [1.5]
+    reply = service.handle([_request(explain=["lrp"], options={"lrp": {"composite": "epsilon_gamma_box"}})])[0]
+    assert reply.status == 200 and reply.body["explanations"]["lrp"]["rule_sites"].get("box") == 1, reply.body
