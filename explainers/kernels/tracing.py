@@ -232,6 +232,19 @@ def _through_offer(node: torch.fx.Node) -> torch.fx.Node:
     return user if user is not None and user.op == "call_function" and user.target is offer else node
 
 
+_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
+
+
+def _mutates(reader: torch.fx.Node) -> bool:
+    """Whether ``reader`` writes into its input (activations excepted: the trace runs them out of place)."""
+    if reader.op == "call_method":
+        return reader.target.endswith("_") and reader.target not in METHOD_KINDS
+    if reader.op == "call_function":
+        return reader.target in _INPLACE_OPERATORS or (
+            getattr(reader.target, "__name__", "").endswith("_") and reader.target not in FUNCTION_KINDS)
+    return False
+
+
 def _through_relu(node: torch.fx.Node, modules: dict[str, nn.Module]) -> torch.fx.Node:
     """The ReLU that is ``node``'s only reader (and its offer), else ``node``.
 
@@ -283,9 +296,14 @@ def _insert_layer_sites(graph: torch.fx.Graph, modules: dict[str, nn.Module]) ->
         readers = list(end.users)
         with graph.inserting_after(bn_node if bn_node is not None else layer_node):
             site = graph.call_function(layer_site, (index, kind, layer_node, bn_node, end, node.args[0]))
+        output = site
+        if any(_mutates(reader) for reader in readers):
+            # The site's output is a view autograd forbids writing to: an in-place reader gets a copy.
+            with graph.inserting_after(site):
+                output = graph.call_function(torch.clone, (site,))
         index += 1
         for reader in readers:
-            reader.replace_input_with(end, site)
+            reader.replace_input_with(end, output)
 
 
 # Activations whose gradient is already their relevance rule (R_in = R_out = f·g): ReLU

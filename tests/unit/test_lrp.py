@@ -572,3 +572,25 @@ def test_concurrent_explanations_equal_serial_ones():
     assert not errors
     for index in range(4):
         assert torch.equal(results[index], serial[index])
+
+
+class WritesInPlace(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.fc = nn.Linear(4, 2, bias=False)
+
+    def forward(self, x):
+        h = self.conv(x)
+        h.mul_(2.0)  # an in-place write on a layer's output
+        h += 1.0
+        return self.fc(torch.relu(h).mean(dim=(2, 3)))
+
+
+def test_a_layer_output_written_in_place_is_explained():
+    # The site's output is a view autograd forbids writing to: the trace hands the writer a copy.
+    model = seeded(WritesInPlace(), seed=30)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(31))
+    ours = lrp(model, x, target=[0, 1], composite="epsilon", epsilon=1e-12).attributions
+    x_grad = explainers.create("input_x_gradient", model).explain(x, [0, 1]).attributions
+    assert torch.allclose(ours, x_grad, atol=1e-6)
