@@ -17,17 +17,23 @@ torchvision = pytest.importorskip("torchvision", reason="torchvision is in the t
 COMPOSITES = ("epsilon", "epsilon_plus", "epsilon_gamma_box", "epsilon_plus_flat")
 # name -> (layer sites: convolutions with their batch norms merged, and linear layers; residual sums)
 SUPPORTED = {"resnet18": (21, 8), "resnet50": (54, 16), "vgg11": (11, 0)}
-SIZE = 64
+SIZE = 32
+
+
+@pytest.fixture(scope="module", params=sorted(SUPPORTED))
+def built(request):
+    model, _ = build_torchvision(request.param, SIZE)
+    yield request.param, model
+    del model
 
 
 def noise(size: int, batch: int = 2, seed: int = 0) -> torch.Tensor:
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("name", sorted(SUPPORTED))
-def test_every_composite_explains_the_architecture_and_leaves_it_alone(name):
-    model, _ = build_torchvision(name, SIZE)
-    inputs = noise(SIZE)
+def test_every_composite_explains_the_architecture_and_leaves_it_alone(built):
+    name, model = built
+    inputs = noise(SIZE, batch=1)
     fingerprint = ModelFingerprint(model)
     layers, sums = SUPPORTED[name]
     for composite in COMPOSITES:
@@ -40,11 +46,10 @@ def test_every_composite_explains_the_architecture_and_leaves_it_alone(name):
     assert not fingerprint.differences(model)
 
 
-@pytest.mark.parametrize("name", sorted(SUPPORTED))
-def test_epsilon_tends_to_input_times_gradient(name):
+def test_epsilon_tends_to_input_times_gradient(built):
     # The LRP-0 identity on a ReLU network: epsilon-LRP with a vanishing epsilon is x * gradient,
     # batch norms merged and residual sums split in proportion included.
-    model, _ = build_torchvision(name, SIZE)
+    name, model = built
     inputs = noise(SIZE, seed=1)
     ours = explainers.create("lrp", model, composite="epsilon", epsilon=1e-12).explain(inputs).attributions
     x_grad = explainers.create("input_x_gradient", model).explain(inputs).attributions
