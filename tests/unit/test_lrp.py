@@ -594,3 +594,46 @@ def test_a_layer_output_written_in_place_is_explained():
     ours = lrp(model, x, target=[0, 1], composite="epsilon", epsilon=1e-12).attributions
     x_grad = explainers.create("input_x_gradient", model).explain(x, [0, 1]).attributions
     assert torch.allclose(ours, x_grad, atol=1e-6)
+
+
+class SmoothDense(Dense2):
+    """Dense2 with a GELU: LRP passes relevance through it unchanged (R_in = R_out)."""
+
+    def forward(self, x):
+        return self.second(F.gelu(self.first(x))).flatten(1)
+
+
+def test_a_smooth_activation_passes_relevance_unchanged():
+    model = SmoothDense()
+    xt = torch.tensor([0.9, -0.4, 0.6]).view(1, 3, 1, 1)
+    x = xt.flatten().tolist()
+    w1, b1 = params(model.first)
+    w2, b2 = params(model.second)
+    hidden_z = [sum(w1[j][i] * x[i] for i in range(3)) + b1[j] for j in range(3)]
+    hidden = F.gelu(torch.tensor(hidden_z)).tolist()
+    logit = sum(w2[0][j] * hidden[j] for j in range(3)) + b2[0]
+    r_hidden = ref_epsilon(w2, b2, hidden, [logit, 0.0], 1e-3)  # R at the GELU's output = R at its input
+    expected = ref_epsilon(w1, b1, x, r_hidden, 1e-3)
+    ours = lrp(model, xt, target=0, composite="epsilon", epsilon=1e-3)
+    assert ours.rule_sites == {"epsilon": 2, "pass": 1}
+    assert ours.attributions.flatten().tolist() == pytest.approx(expected, rel=1e-5, abs=1e-7)
+
+
+class Normalising(nn.Module):
+    """Normalises inside its forward: the first convolution still reads the image elementwise."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = small_cnn(nn.MaxPool2d, bias=True)
+
+    def forward(self, x):
+        return self.inner((x - 0.5) / 0.25)
+
+
+def test_the_first_layer_rule_applies_through_an_elementwise_normalisation():
+    model = Normalising().eval()
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(40))
+    ours = lrp(model, x, composite="epsilon_plus_flat")
+    reference = lrp(model.inner, (x - 0.5) / 0.25, ours.target, composite="epsilon_plus_flat")
+    assert ours.rule_sites == reference.rule_sites == {"flat": 1, "z_plus": 1, "epsilon": 1}
+    assert torch.allclose(ours.attributions, reference.attributions, atol=1e-6)
