@@ -19,11 +19,10 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..errors import UnsupportedModelError
 from .batchnorm import _batch_norm_affine
-from .layer_sites import ACTIVATION, BATCH_NORM, LINEAR, SiteCall
+from .layer_sites import BATCH_NORM, LINEAR, SiteCall
 
 DEFAULT_STABILIZER = 1e-6  # zennit's default for every rule
 
@@ -238,14 +237,3 @@ def pass_rule(call, x, z, g):
     """An elementwise activation passes relevance unchanged, ``R_x = R_z``: ``g_x = g z / x``."""
     safe = torch.where(x == 0, torch.ones_like(x), x)
     return "gradient", torch.where(x == 0, torch.zeros_like(g), g * z / safe)
-
-
-RULES = ("epsilon", "z_plus", "gamma", "flat", "w_square", "box")
-
-
-def activation_kind(call: SiteCall) -> bool:
-    return call.kind == ACTIVATION
-
-
-def module_for(call: SiteCall) -> nn.Module | None:
-    return call.layer if call.layer is not None else call.batch_norm
