@@ -32,12 +32,20 @@ def stabilize(value: torch.Tensor, epsilon: float = DEFAULT_STABILIZER) -> torch
     return value + ((value == 0).to(value.dtype) + value.sign()) * epsilon
 
 
+class _Merged:
+    """A layer's merged parameters and their modified copies (cached; holds no module)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        self.weight, self.bias = weight, bias
+        self.modified: dict[str, torch.Tensor | None] = {}
+
+
 class _MergedLayer:
     """A site's layer with its batch norm merged in: ``z = forward(x, W, b)``, and modified copies."""
 
-    def __init__(self, call: SiteCall, weight: torch.Tensor, bias: torch.Tensor | None):
-        self.call, self.weight, self.bias = call, weight, bias
-        self.modified: dict[str, torch.Tensor | None] = {}
+    def __init__(self, call: SiteCall, merged: _Merged):
+        self.call, self._merged = call, merged
+        self.weight, self.bias = merged.weight, merged.bias
 
     def forward(self, inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         kind = self.call.kind
@@ -50,13 +58,15 @@ class _MergedLayer:
         return self.call.layer._conv_forward(inputs, weight, bias)
 
     def parameter(self, name: str, make: Callable[[], torch.Tensor | None]) -> torch.Tensor | None:
-        if name not in self.modified:
-            self.modified[name] = make()
-        return self.modified[name]
+        modified = self._merged.modified
+        if name not in modified:
+            modified[name] = make()
+        return modified[name]
 
 
 _lock = threading.Lock()
-# owner module (the layer, or a lone batch norm) -> (identities and versions of the sources, merged layer)
+# owner module (the layer, or a lone batch norm) -> (identities and versions of the sources, merged
+# parameters); the values hold no module, so the cache never keeps a model alive
 _merged_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -79,7 +89,7 @@ def merged_layer(call: SiteCall) -> _MergedLayer:
            None if norm is None else norm.eps)
     cached = _merged_cache.get(owner)
     if cached is not None and cached[0] == key:
-        return cached[1]
+        return _MergedLayer(call, cached[1])
     with torch.no_grad():
         if layer is None:  # a lone batch norm: a diagonal linear layer
             weight, bias = _batch_norm_affine(norm)
@@ -90,10 +100,10 @@ def merged_layer(call: SiteCall) -> _MergedLayer:
                 scale, shift = _batch_norm_affine(norm)
                 weight = weight * scale.view((-1,) + (1,) * (weight.dim() - 1))
                 bias = shift if bias is None else bias * scale + shift
-    merged = _MergedLayer(call, weight, bias)
+    merged = _Merged(weight, bias)
     with _lock:
         _merged_cache[owner] = (key, merged)
-    return merged
+    return _MergedLayer(call, merged)
 
 
 def _leaf(tensor: torch.Tensor) -> torch.Tensor:

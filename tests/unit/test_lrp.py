@@ -637,3 +637,15 @@ def test_the_first_layer_rule_applies_through_an_elementwise_normalisation():
     reference = lrp(model.inner, (x - 0.5) / 0.25, ours.target, composite="epsilon_plus_flat")
     assert ours.rule_sites == reference.rule_sites == {"flat": 1, "z_plus": 1, "epsilon": 1}
     assert torch.allclose(ours.attributions, reference.attributions, atol=1e-6)
+
+
+def test_nothing_keeps_an_explained_model_alive():
+    import gc
+    import weakref
+
+    model = small_cnn(nn.MaxPool2d, bias=True)
+    lrp(model, torch.randn(1, 3, 16, 16), composite="epsilon_gamma_box")
+    references = [weakref.ref(module) for module in model.modules()]  # caches hold layers, if anything
+    del model
+    gc.collect()
+    assert all(reference() is None for reference in references)
