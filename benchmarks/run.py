@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's own choice)")
     parser.add_argument("--no-e2e", action="store_true", help="skip the TorchServe end-to-end part")
     parser.add_argument("--no-architectures", action="store_true", help="skip the torchvision architectures part")
+    parser.add_argument("--no-lrp", action="store_true", help="skip the LRP-against-the-floor part (ResNet-50)")
     parser.add_argument("--architectures-only", action="store_true",
                         help="only the torchvision architectures part (no demo, ResNet-50 shape or end-to-end part)")
     parser.add_argument("--architectures", nargs="+", metavar="NAME",
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     if arguments.architectures_only and arguments.no_architectures:
         parser.error("--architectures-only and --no-architectures exclude each other")
 
-    from . import architectures, e2e, inprocess, oip_front
+    from . import architectures, e2e, inprocess, lrp, oip_front
     from .models import RESNET50_FILE, demo_model, resnet50
 
     if arguments.threads:
@@ -101,6 +102,11 @@ def main(argv: list[str] | None = None) -> int:
         report["architectures"] = {"skipped": "--no-architectures"}
     else:
         report["architectures"] = architectures.run(architectures.plan_for(mode, arguments.architectures), device, log=log)
+
+    if arguments.no_lrp or arguments.architectures_only:
+        report["lrp"] = {"skipped": "--no-lrp" if arguments.no_lrp else "--architectures-only"}
+    else:
+        report["lrp"] = lrp.run(lrp.plan_for(mode), device, log=log)
 
     if arguments.no_e2e or arguments.smoke or arguments.architectures_only:
         report["oip_front"] = {"skipped": "--no-e2e" if arguments.no_e2e else "smoke mode" if arguments.smoke
@@ -151,6 +157,9 @@ DEFINITIONS = {
                      "saliency_gbp_grad_cam: one predict_and_explain call; ratios to the floor, interleaved rounds; "
                      "model_load_warmup_ms: the first predict_and_explain(saliency, guided_backprop, grad_cam) call on a "
                      "fresh model (builds and checks its rule model) minus the median warm call",
+    "lrp": "torchvision resnet50 (seeded random weights, batch norms calibrated on noise); predict_and_explain(model, x, "
+           "['lrp']) with the epsilon_plus_flat composite (and, reported, epsilon) against the floor, interleaved rounds, "
+           "median of per-round ratios",
     "peak_memory": "peak of tensor memory allocated during one call (profiler allocator events on CPU)",
     "oip_front": "predict through the OIP front server (binary tensor extension) vs TorchServe directly, one client, "
                  "keep-alive, same image, interleaved, batchSize 1; share = median of per-round (front - direct) / median front",
@@ -181,6 +190,10 @@ def goal_table(report: dict) -> list[dict]:
         from .architectures import goal_rows
 
         rows += goal_rows(report["architectures"])
+    if "lrp" in report and "skipped" not in report["lrp"]:
+        from .lrp import goal_rows as lrp_rows
+
+        rows += lrp_rows(report["lrp"])
     from .oip_front import goal_rows as oip_goal_rows
 
     rows += oip_goal_rows(report.get("oip_front", {}))

@@ -85,6 +85,9 @@ class GradientRuleExplainer(Explainer):
     """A method computed from backward passes over a shared :class:`ForwardRecord`."""
 
     shares_forward = True
+    # Whether the method applies rules at layer sites (relevance methods): the shared forward then
+    # runs the rule model with layer sites (kernels/layer_sites.py).
+    needs_layer_sites: ClassVar[bool] = False
 
     def cost(self, height: int, width: int) -> Cost:
         return Cost(evaluations=0, backward_passes=1, rows_per_forward=1)
@@ -94,4 +97,5 @@ class GradientRuleExplainer(Explainer):
         """Attributions from backward passes over ``record``."""
 
     def attribute(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return self.attribute_from_record(ForwardRecord(self.model, inputs, self.layers(inputs)), targets)
+        record = ForwardRecord(self.model, inputs, self.layers(inputs), layer_sites=self.needs_layer_sites)
+        return self.attribute_from_record(record, targets)

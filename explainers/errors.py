@@ -141,3 +141,16 @@ class ResourceExhaustedError(PluginError, MemoryError):
 
     code = "resource_exhausted"
     http_status = 503
+
+
+class UnsupportedOperationError(UnsupportedModelError):
+    """The model computes an operation the method has no rule for (LRP: a product of two tensors as
+    in squeeze-excitation gates or attention, softmax, layer norm, ...). Same code and status as
+    :class:`UnsupportedModelError`; ``operation`` names what was found."""
+
+    def __init__(self, message: str, operation: str):
+        super().__init__(message)
+        self.operation = operation
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "operation": self.operation}

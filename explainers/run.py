@@ -1,7 +1,8 @@
 """One forward pass shared by a prediction and every explainer that backpropagates over it.
 
 Explainers are duck-typed here (``shares_forward``, ``applies_rules``, ``layers()``,
-``explained_layer``, ``attribute_from_record``, ``attribute``): this module sits below ``base``, which builds ``Explainer.explain`` on it.
+``explained_layer``, ``attribute_from_record``, ``attribute``; optionally ``needs_layer_sites`` and
+``rule_sites_of(record)``): this module sits below ``base``, which builds ``Explainer.explain`` on it.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ class ExplanationRun:
         gradient_explainers = [e for e in explainers if e.shares_forward]
         if gradient_explainers:
             layers = {layer for explainer in gradient_explainers for layer in explainer.layers(self.inputs)}
-            self._record: ForwardRecord | None = ForwardRecord(model, self.inputs, layers)
+            sites = any(getattr(explainer, "needs_layer_sites", False) for explainer in gradient_explainers)
+            self._record: ForwardRecord | None = ForwardRecord(model, self.inputs, layers, layer_sites=sites)
             self.logits = self._record.logits
         else:
             self._record = None
@@ -49,6 +51,8 @@ class ExplanationRun:
         else:
             attributions = explainer.attribute(self.inputs, targets)
         sites = self._record.rule_sites if explainer.applies_rules and self._record is not None else {}
+        if self._record is not None and hasattr(explainer, "rule_sites_of"):  # methods with rules of their own
+            sites = explainer.rule_sites_of(self._record)
         return Explanation(attributions.detach(), targets, explainer.name, sites, explainer.explained_layer)
 
     @classmethod

@@ -196,10 +196,16 @@ class ExplainerSanity:
         verdicts = self.verdicts or {}
         return tuple(check for check in CHECKS if verdicts.get(check) is False)
 
+    @property
+    def unavailable(self) -> bool:
+        """Whether the explainer cannot explain this model at all (e.g. lrp and a squeeze-excitation gate)."""
+        return self.scores is None and (self.error or {}).get("code") == "unsupported_model"
+
     def describe(self) -> dict:
         """The explainer's entry in the describe API's custom metadata."""
         if self.scores is None:
-            return {"sanity": None, "error": dict(self.error or {}), "options": dict(self.options)}
+            entry = {"sanity": None, "error": dict(self.error or {}), "options": dict(self.options)}
+            return {**entry, "available": False} if self.unavailable else entry
         scores = self.scores.to_dict()
         sanity = {**self.verdicts, **{key: scores[key] for key in
                                       ("class_map_similarity", "randomisation_similarity", "deletion_auc", "images")}}
@@ -252,6 +258,8 @@ class SanityReport:
         settings = self.settings
         return {
             "explainers": {name: entry.describe() for name, entry in sorted(self.explainers.items())},
+            # Allowed, but unable to explain this model (a request for one is answered 422 unsupported_model).
+            "unavailable_explainers": sorted(name for name, entry in self.explainers.items() if entry.unavailable),
             "thresholds": {"max_class_map_similarity": settings.max_class_map_similarity,
                            "max_randomisation_similarity": settings.max_randomisation_similarity},
             "probes": self.probes,

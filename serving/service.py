@@ -187,13 +187,27 @@ class ExplanationService:
 
     def _explainers(self, request: ExplainRequest) -> list[Explainer]:
         options = {
-            name: {**self.settings.explainer_options.get(name, {}), **request.method_options.get(name, {})}
+            name: {**self._pixel_bounds(name), **self.settings.explainer_options.get(name, {}),
+                   **request.method_options.get(name, {})}
             for name in request.explainers
         }
         explainers = build_explainers(self.model, list(request.explainers), options)
         for explainer in explainers:
             check_cost(explainer, self.settings.caps, self.settings.input_size)
         return explainers
+
+    def _pixel_bounds(self, name: str) -> dict:
+        """``{"low": [...], "high": [...]}``: the model-input values of pixels 0 and 1 per channel, for an
+        explainer that takes the input's bounds (``takes_input_bounds``, e.g. lrp's z^B rule); else ``{}``.
+        Configured or requested options override them."""
+        try:
+            takes = getattr(explainer_class(name), "takes_input_bounds", False)
+        except PluginError:
+            return {}  # an unknown name: refused where the explainers are built
+        if not takes:
+            return {}
+        mean, std = self.settings.mean, self.settings.std
+        return {"low": [(0.0 - m) / s for m, s in zip(mean, std)], "high": [(1.0 - m) / s for m, s in zip(mean, std)]}
 
     # --- prediction and explanation --------------------------------------------------------
 

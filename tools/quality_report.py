@@ -45,6 +45,7 @@ from explainers.evaluation.maps import importance_map, rank_similarity
 from explainers.evaluation.perturbation import blurred_baseline, constant_baseline, deletion_curve, insertion_curve
 from explainers.evaluation.randomization import randomization_cascade
 from explainers.evaluation.sensitivity import class_map_similarity, image_map_similarity, top_and_least_likely
+from explainers.errors import UnsupportedModelError
 from explainers.registry import available, create
 from tools.quality_figure import MethodMaps, quality_grid
 from tools.quality_sources import NO_MASKS, ModelSource, probe_images
@@ -366,7 +367,12 @@ def run(settings: ReportSettings, source: ModelSource, progress=print) -> tuple[
         # so a report is reproducible and one method's draws do not depend on the others'.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(settings.seed)
-            entry, maps = evaluate_method(model, data, method, source.explainer_options.get(method, {}), settings)
+            try:
+                entry, maps = evaluate_method(model, data, method, source.explainer_options.get(method, {}), settings)
+            except UnsupportedModelError as error:  # e.g. lrp on a model with an operation it has no rule for
+                document.setdefault("unavailable", {})[method] = error.to_dict()
+                progress(f"{source.name} {method}: unavailable ({error})")
+                continue
         document["methods"][method] = entry
         rows.append(maps)
         progress(f"{source.name} {method}: {entry['seconds']} s on {entry['images']} images")
@@ -420,6 +426,8 @@ def markdown(document: Mapping) -> str:
     for name, entry in document.get("references", {}).items():
         cells = [_cell(entry[m]) for m in shown]
         lines.append("| " + " | ".join([f"*{name} (reference)*", str(document["images"]), *cells]) + " |")
+    for name, error in document.get("unavailable", {}).items():
+        lines.append(f"\n`{name}` cannot explain this model: {error['message']}")
     settings = document["settings"]
     lines += [
         "",

@@ -8,7 +8,7 @@ const DEFAULTS = { inference: "http://127.0.0.1:8080", management: "http://127.0
 // the server's refusal (its error.message) say which are not allowed.
 const KNOWN_EXPLAINERS = [
   "saliency", "input_x_gradient", "guided_backprop", "deconvnet", "integrated_gradients",
-  "smoothgrad", "grad_cam", "guided_grad_cam", "occlusion",
+  "smoothgrad", "grad_cam", "guided_grad_cam", "occlusion", "lrp",
 ];
 const PREFERRED_DEFAULTS = ["guided_backprop", "grad_cam"];
 const COLORMAPS = { sequential: ["inferno", "hot", "gray"], diverging: ["coolwarm", "bwr", "gray"] };
@@ -213,8 +213,10 @@ async function chooseModel(name) {
     const metadata = parseMetadata(description && description.customizedMetadata);
     if (metadata) {
       const listed = metadata.allowed_explainers || metadata.explainers;
+      // Allowed but unable to explain this model (e.g. lrp and an operation it has no rule for): not offered.
+      const unavailable = Array.isArray(metadata.unavailable_explainers) ? metadata.unavailable_explainers : [];
       if (Array.isArray(listed) && listed.length) {
-        allowed = listed;
+        allowed = listed.filter((n) => !unavailable.includes(n));
         note = "";
       }
       if (Array.isArray(metadata.default_explainers)) defaults = metadata.default_explainers;

@@ -10,6 +10,7 @@ from torch import nn
 from ..errors import InvalidOptionError
 from ..outputs import logits_of
 from .capture import ALL_LAYERS, LayerCapture, capturing
+from .layer_sites import LayerSiteState, SiteRule, recording_sites
 from .rule_models import rule_model_for, uses_traced_rules
 from .rules import BackwardRule, RuleSelector, selecting_rules
 
@@ -20,13 +21,17 @@ class ForwardRecord:
     Each backward picks its activation rule when it runs (``retain_graph``), so guided backprop,
     DeconvNet and saliency of the same inputs share this one forward. Activations of the requested
     layers (any module by dotted name; ``ALL_LAYERS`` for every one) are captured in the same
-    forward for CAM methods.
+    forward for CAM methods. With ``layer_sites`` the forward runs the rule model whose layers end in
+    layer sites (``layer_sites.py``), for relevance methods; every other backward over it is the same.
     """
 
-    def __init__(self, model: nn.Module, inputs: torch.Tensor, layers: Iterable[str] | None = ()):
+    def __init__(self, model: nn.Module, inputs: torch.Tensor, layers: Iterable[str] | None = (),
+                 layer_sites: bool = False):
         self.inputs = inputs.detach().requires_grad_(True)
+        self.model = model
         self._selector = RuleSelector()
-        rule_model = rule_model_for(model, inputs)
+        self.site_state: LayerSiteState | None = LayerSiteState() if layer_sites else None
+        rule_model = rule_model_for(model, inputs, layer_sites=layer_sites)
         names = ALL_LAYERS if layers is ALL_LAYERS else set(layers)
         if names:
             modules = dict(model.named_modules())
@@ -35,12 +40,12 @@ class ForwardRecord:
                 raise InvalidOptionError(f"no layer named {missing} in the model")
         self._capture = LayerCapture(names) if names is ALL_LAYERS or names else None
         if self._capture is None:  # most requests: no CAM layer, nothing to capture
-            with selecting_rules(self._selector):
+            with selecting_rules(self._selector), recording_sites(self.site_state):
                 self.logits: torch.Tensor = logits_of(rule_model(self.inputs))
         else:
             # The fallback runs the model's own modules, whose forward hooks then feed the capture.
             hooked = None if uses_traced_rules(model) else model
-            with capturing(self._capture, hooked), selecting_rules(self._selector):
+            with capturing(self._capture, hooked), selecting_rules(self._selector), recording_sites(self.site_state):
                 self.logits = logits_of(rule_model(self.inputs))
             if names is not ALL_LAYERS:
                 not_reached = sorted(names - self._capture.activations.keys())
@@ -70,6 +75,18 @@ class ForwardRecord:
         with self._selector.applying(rule):
             (gradient,) = torch.autograd.grad(self.score(targets), self.inputs, retain_graph=True)
         return gradient
+
+    def site_backward(self, targets: torch.Tensor, rule: SiteRule) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(d score / d input, relevance returned directly)`` with ``rule`` at every layer site.
+
+        Activations keep their plain gradient. Raises RuntimeError without layer sites.
+        """
+        if self.site_state is None:
+            raise RuntimeError("this forward pass recorded no layer sites (ForwardRecord(layer_sites=True))")
+        with self._selector.applying(BackwardRule.GRADIENT), self.site_state.applying(rule):
+            (gradient,) = torch.autograd.grad(self.score(targets), self.inputs, retain_graph=True)
+            direct = self.site_state.direct
+        return gradient, direct
 
     def layer_gradient(self, targets: torch.Tensor, layer: str) -> torch.Tensor:
         """Plain d score / d activation of ``layer``: a backward that stops at the layer.

@@ -30,6 +30,10 @@ _cache_lock = threading.Lock()
 _rule_models: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, ...], RuleModel, RulePath]] = (
     weakref.WeakKeyDictionary()
 )
+# The same with layer sites (relevance methods), built only once such a method explains the model.
+_site_rule_models: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, ...], RuleModel, RulePath]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _structure_key(model: nn.Module) -> tuple[int, ...]:
@@ -37,31 +41,33 @@ def _structure_key(model: nn.Module) -> tuple[int, ...]:
     return tuple(id(module) for module in model.modules())
 
 
-def rule_model_for(model: nn.Module, example: torch.Tensor) -> RuleModel:
+def rule_model_for(model: nn.Module, example: torch.Tensor, layer_sites: bool = False) -> RuleModel:
     """The cached rule model of ``model`` (traced when possible, else the intercepting fallback).
 
     The first build checks the traced model against the model on ``example``: a trace whose output
     disagrees (Python control flow fx froze) or that would lose a custom ``autograd.Function``
     backward is discarded for the fallback. Either returns what the model returns (use
-    :func:`explainers.logits_of` on it).
+    :func:`explainers.logits_of` on it). ``layer_sites``: the variant whose convolution, linear,
+    batch-norm and activation calls end in layer sites (``layer_sites.py``), cached apart.
 
     Raises:
         UnsupportedModelError: the forward needs arguments besides the image.
     """
     key = _structure_key(model)
+    cache = _site_rule_models if layer_sites else _rule_models
     with _cache_lock:
-        cached = _rule_models.get(model)
+        cached = cache.get(model)
         if cached is not None and cached[0] == key:
             return cached[1]
         optional_forward_arguments(model)  # refuses a forward that needs more than the image
-        rule_model, path = _build_rule_model(model, example)
-        _rule_models[model] = (key, rule_model, path)
+        rule_model, path = _build_rule_model(model, example, layer_sites)
+        cache[model] = (key, rule_model, path)
         return rule_model
 
 
-def rule_path(model: nn.Module) -> RulePath | None:
+def rule_path(model: nn.Module, layer_sites: bool = False) -> RulePath | None:
     """How ``model``'s explained forward runs, once it has run (None before)."""
-    cached = _rule_models.get(model)
+    cached = (_site_rule_models if layer_sites else _rule_models).get(model)
     return None if cached is None else cached[2]
 
 
@@ -83,9 +89,9 @@ def _uses_custom_autograd_functions(output: torch.Tensor) -> bool:
     return False
 
 
-def _build_rule_model(model: nn.Module, example: torch.Tensor) -> tuple[RuleModel, RulePath]:
+def _build_rule_model(model: nn.Module, example: torch.Tensor, layer_sites: bool = False) -> tuple[RuleModel, RulePath]:
     try:
-        traced = trace_rule_model(model)
+        traced = trace_rule_model(model, layer_sites=layer_sites)
     except Exception as error:  # fx raises many types for untraceable code; the fallback is always exact
         return ModeRuleModel(model), RulePath("fallback", f"fx cannot trace it: {type(error).__name__}: {error}"[:300])
     with torch.enable_grad():

@@ -18,6 +18,7 @@ from ..errors import UnsupportedModelError
 from .activations import FUNCTION_KINDS, METHOD_KINDS, MODULE_KINDS, refine_kind, split_inplace
 from .batchnorm import BATCH_NORMS, eval_batch_norm
 from .capture import offer
+from .layer_sites import ACTIVATION, BATCH_NORM, LAYER_MODULES, layer_site
 from .rules import rule_activation, rule_module_activation, rule_relu, rule_relu_
 
 def _activation_call(node: torch.fx.Node, modules: dict[str, nn.Module]):
@@ -122,7 +123,7 @@ def _symbolic_trace(model: nn.Module) -> torch.fx.GraphModule:
     return torch.fx.GraphModule(tracer.root, graph, model.__class__.__name__)
 
 
-def trace_rule_model(model: nn.Module) -> torch.fx.GraphModule:
+def trace_rule_model(model: nn.Module, layer_sites: bool = False) -> torch.fx.GraphModule:
     """Trace ``model`` and route every activation call site through a recording rule call.
 
     Every module call's output passes through :func:`capture.offer`, so a CAM can weigh any module
@@ -138,6 +139,12 @@ def trace_rule_model(model: nn.Module) -> torch.fx.GraphModule:
     Batch norms become :func:`eval_batch_norm` calls (the module itself whenever it is not a plain
     eval-mode batch norm at call time).
 
+    With ``layer_sites``, every convolution and linear module call (with the batch norm right after
+    it, and the ReLU right after that), every other batch norm and every activation whose gradient is
+    not its relevance rule ends in a :func:`layer_sites.layer_site` call (see
+    :func:`_insert_layer_sites`). A ReLU that reads a site's output runs out of place (the site
+    saves that output).
+
     Raises:
         Exception: whatever ``torch.fx`` raises for a model it cannot trace.
     """
@@ -145,6 +152,8 @@ def trace_rule_model(model: nn.Module) -> torch.fx.GraphModule:
     graph = graph_module.graph
     modules = dict(graph_module.named_modules())
     _offer_module_outputs(graph)
+    if layer_sites:
+        _insert_layer_sites(graph, modules)
     position = {node: index for index, node in enumerate(graph.nodes)}
     for node in list(graph.nodes):
         call = _activation_call(node, modules)
@@ -170,6 +179,8 @@ def trace_rule_model(model: nn.Module) -> torch.fx.GraphModule:
                 if position.get(reader, -1) > position[node]:
                     reader.replace_input_with(source, replacement)
         graph.erase_node(node)
+    if layer_sites:
+        _insert_activation_sites(graph, modules)
     for node in list(graph.nodes):
         if node.op == "call_module" and type(modules.get(node.target)) in BATCH_NORMS and len(node.args) == 1 and not node.kwargs:
             with graph.inserting_before(node):
@@ -209,3 +220,118 @@ def _offer_module_outputs(graph: torch.fx.Graph) -> None:
             offered = graph.call_function(offer, (names, node))
         for reader in readers:
             reader.replace_input_with(node, offered)
+
+
+def _single_user(node: torch.fx.Node) -> torch.fx.Node | None:
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def _through_offer(node: torch.fx.Node) -> torch.fx.Node:
+    """``node``, or the :func:`offer` that passes its value on when it is the only reader."""
+    user = _single_user(node)
+    return user if user is not None and user.op == "call_function" and user.target is offer else node
+
+
+_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
+
+
+def _mutates(reader: torch.fx.Node) -> bool:
+    """Whether ``reader`` writes into its input (activations excepted: the trace runs them out of place)."""
+    if reader.op == "call_method":
+        return reader.target.endswith("_") and reader.target not in METHOD_KINDS
+    if reader.op == "call_function":
+        return reader.target in _INPLACE_OPERATORS or (
+            getattr(reader.target, "__name__", "").endswith("_") and reader.target not in FUNCTION_KINDS)
+    return False
+
+
+def _through_relu(node: torch.fx.Node, modules: dict[str, nn.Module]) -> torch.fx.Node:
+    """The ReLU that is ``node``'s only reader (and its offer), else ``node``.
+
+    A site that ends after its ReLU sees ``a = relu(z)`` and ``g_a``: the relevance ``a · g_a`` is
+    ``z · g_z`` and every rule reads ``z`` only through it (and its sign), so the site saves the
+    tensor the ReLU saves anyway, and the ReLU may stay in place.
+    """
+    reader = _single_user(node)
+    if reader is None:
+        return node
+    call = _activation_call(reader, modules)
+    if call is None or call[0] != "relu" or call[3] or len(call[2]) != 1 or call[2][0] is not node:
+        return node
+    return _through_offer(reader)
+
+
+def _insert_layer_sites(graph: torch.fx.Graph, modules: dict[str, nn.Module]) -> None:
+    """A :func:`layer_site` after every convolution or linear module call (merged with the batch norm
+    that is its only reader) and after every other batch norm module call.
+
+    Only plain calls (one positional input) of the exact module types are sites; anything else is
+    left as it is, and a relevance method refuses what no site covers.
+    """
+    index = 0
+    absorbed: set[torch.fx.Node] = set()
+    for node in list(graph.nodes):
+        if node.op != "call_module" or len(node.args) != 1 or node.kwargs or node in absorbed:
+            continue
+        module = modules.get(node.target)
+        kind = LAYER_MODULES.get(type(module))
+        batch_norm_node = None
+        if kind is not None:
+            end = _through_offer(node)
+            reader = _single_user(end)
+            if (reader is not None and reader.op == "call_module" and type(modules.get(reader.target)) in BATCH_NORMS
+                    and reader.args == (end,) and not reader.kwargs):
+                batch_norm_node = reader
+                absorbed.add(reader)
+                end = _through_offer(reader)
+        elif type(module) in BATCH_NORMS:
+            kind, batch_norm_node, end = BATCH_NORM, node, _through_offer(node)
+        else:
+            continue
+        end = _through_relu(end, modules)
+        with graph.inserting_after(end):
+            layer_node = graph.get_attr(node.target) if kind != BATCH_NORM else None
+        with graph.inserting_after(layer_node if layer_node is not None else end):
+            bn_node = graph.get_attr(batch_norm_node.target) if batch_norm_node is not None else None
+        readers = list(end.users)
+        with graph.inserting_after(bn_node if bn_node is not None else layer_node):
+            site = graph.call_function(layer_site, (index, kind, layer_node, bn_node, end, node.args[0]))
+        output = site
+        if any(_mutates(reader) for reader in readers):
+            # The site's output is a view autograd forbids writing to: an in-place reader gets a copy.
+            with graph.inserting_after(site):
+                output = graph.call_function(torch.clone, (site,))
+        index += 1
+        for reader in readers:
+            reader.replace_input_with(end, output)
+
+
+# Activations whose gradient is already their relevance rule (R_in = R_out = f·g): ReLU
+# (1[f>0]), leaky ReLU and PReLU (phi(f)/f = phi'(f)). Every other kind gets a site.
+_GRADIENT_IS_RELEVANCE = {"relu", "leaky_relu", "prelu"}
+
+
+def _insert_activation_sites(graph: torch.fx.Graph, modules: dict[str, nn.Module]) -> None:
+    index = 1_000_000  # apart from the layer sites' numbers
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target is rule_activation:
+            kind, source = node.args[0], node.args[2] if len(node.args) > 2 else node.kwargs.get("input")
+        elif node.target is rule_module_activation:
+            module = getattr_path(modules, node.args[0])
+            kind, source = MODULE_KINDS.get(type(module)), node.args[1]
+        else:
+            continue
+        if kind in _GRADIENT_IS_RELEVANCE or not isinstance(source, torch.fx.Node):
+            continue
+        readers = list(node.users)
+        with graph.inserting_after(node):
+            site = graph.call_function(layer_site, (index, ACTIVATION, None, None, node, source), {"activation": kind})
+        index += 1
+        for reader in readers:
+            reader.replace_input_with(node, site)
+
+
+def getattr_path(modules: dict[str, nn.Module], node) -> nn.Module | None:
+    return modules.get(node.target) if isinstance(node, torch.fx.Node) and node.op == "get_attr" else None

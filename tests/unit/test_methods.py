@@ -8,7 +8,7 @@ from torch import nn
 import explainers
 from support.models import ModuleReluNet, TinyResNet, seeded
 
-GRADIENT_RULE_METHODS = {"saliency", "input_x_gradient", "guided_backprop", "deconvnet", "grad_cam", "guided_grad_cam"}
+GRADIENT_RULE_METHODS = {"saliency", "input_x_gradient", "guided_backprop", "deconvnet", "grad_cam", "guided_grad_cam", "lrp"}
 
 
 def assert_close(actual, expected, rtol=1e-5):
@@ -23,7 +23,7 @@ def batch():
 def test_registry_lists_the_contract_names():
     assert explainers.available() == sorted([
         "saliency", "input_x_gradient", "guided_backprop", "deconvnet", "integrated_gradients",
-        "smoothgrad", "grad_cam", "guided_grad_cam", "occlusion"])
+        "smoothgrad", "grad_cam", "guided_grad_cam", "occlusion", "lrp"])
 
 
 @pytest.mark.parametrize("name", explainers.available())

@@ -33,7 +33,10 @@ def test_json_layout(tiny_report):
     document = json.loads((tiny_report / "quality.json").read_text())  # strict JSON: no NaN
     assert isinstance(document["model"], str) and "AllConvNet" in document["model"]
     assert document["images"] == 6
-    assert set(document["methods"]) == set(explainers.available())
+    # lrp has no rule for the demo's instance norm: reported unavailable, with the reason.
+    assert set(document["methods"]) == set(explainers.available()) - {"lrp"}
+    assert document["unavailable"]["lrp"]["code"] == "unsupported_model"
+    assert document["unavailable"]["lrp"]["operation"] == "instance_norm"
     for name, entry in document["methods"].items():
         for metric in HEADLINE:
             assert isinstance(entry[metric], float), (name, metric, entry[metric])
@@ -59,11 +62,12 @@ def test_markdown_table_shows_the_json_numbers(tiny_report):
         cells = [cell.strip() for cell in row.strip("|").split("|")]
         assert cells[2:8] == [f"{entry[metric]:.3f}" for metric in HEADLINE], name
     assert "![" in table and "quality.png" in table
+    assert "`lrp` cannot explain this model: lrp has no relevance rule for: instance_norm" in table
 
 
 def test_picture_has_a_row_per_method_and_columns_per_example(tiny_report):
     picture = Image.open(tiny_report / "quality.png").convert("RGB")
-    rows = len(explainers.available()) + 1  # + the input/mask row
+    rows = len(explainers.available()) - 1 + 1  # every method but lrp (unavailable on the demo), + the input/mask row
     columns = len(report.FIGURE_COLUMNS)
     block = columns * figure.TILE + (columns - 1) * figure.GAP
     assert picture.size == (figure.LABEL_WIDTH + 2 * block + figure.EXAMPLE_GAP + figure.GAP,
