@@ -1,8 +1,9 @@
 """Layer sites: where a relevance rule (LRP) replaces the gradient of a whole layer, for one backward.
 
 A layer site is one call of a convolution or linear module (with the eval batch norm that directly
-follows it merged in), a batch norm that follows no such layer, or an elementwise activation whose
-gradient is not its relevance rule. In the traced rule model built with layer sites
+follows it merged in), a batch norm that follows no such layer, a normalisation by the input's own
+statistics (instance, group and layer norm modules), or an elementwise activation whose gradient is
+not its relevance rule. In the traced rule model built with layer sites
 (``trace_rule_model(model, layer_sites=True)``), the output of every site passes through
 :func:`layer_site`, which wraps it in :class:`_Site`: an identity in the forward pass whose
 backward is the plain gradient (the layer's own autograd nodes run as they are) unless a
@@ -39,9 +40,12 @@ CONVOLUTION = "convolution"
 LINEAR = "linear"
 BATCH_NORM = "batch_norm"
 ACTIVATION = "activation"
+NORMALISATION = "normalisation"
 
 LAYER_MODULES: dict[type, str] = {nn.Conv1d: CONVOLUTION, nn.Conv2d: CONVOLUTION, nn.Conv3d: CONVOLUTION,
                                   nn.Linear: LINEAR}
+# Normalisations by the input's own statistics: a linear map once the scale is held constant.
+NORMALISATION_MODULES = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.GroupNorm, nn.LayerNorm)
 
 
 @dataclass(frozen=True)
@@ -50,7 +54,7 @@ class SiteCall:
 
     index: int  # the trace's site number: unique per call site of the traced graph
     kind: str
-    layer: nn.Module | None  # the convolution or linear module (None for a lone batch norm or an activation)
+    layer: nn.Module | None  # the convolution, linear or normalisation module (None: lone batch norm, activation)
     batch_norm: nn.Module | None  # the eval batch norm merged into the layer, or the lone batch norm
     activation: str | None = None  # the activation kind of an activation site
 

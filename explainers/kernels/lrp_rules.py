@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..errors import UnsupportedModelError
 from .batchnorm import _batch_norm_affine
@@ -247,3 +248,53 @@ def pass_rule(call, x, z, g):
     """An elementwise activation passes relevance unchanged, ``R_x = R_z``: ``g_x = g z / x``."""
     safe = torch.where(x == 0, torch.ones_like(x), x)
     return "gradient", torch.where(x == 0, torch.zeros_like(g), g * z / safe)
+
+
+def constant_scale_normalisation(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """``module``'s output with its scale (the standard deviation it divides by) held constant:
+    ``(x - mean(x)) / stop_gradient(std(x)) * w + b``, a linear map of ``x`` (Ali et al. 2022's
+    LN-rule; LXT uses it for layer norms). Instance norms with running statistics in eval mode
+    normalise by those: a diagonal affine map, as they really compute it."""
+    if isinstance(module, nn.GroupNorm):
+        grouped = inputs.reshape(inputs.shape[0], module.num_groups, -1)
+        mean = grouped.mean(dim=-1, keepdim=True)
+        scale = torch.rsqrt(grouped.detach().var(dim=-1, unbiased=False, keepdim=True) + module.eps)
+        normalised = ((grouped - mean) * scale).reshape(inputs.shape)
+        shape = (1, -1) + (1,) * (inputs.dim() - 2)
+    elif isinstance(module, nn.LayerNorm):
+        dims = tuple(range(inputs.dim() - len(module.normalized_shape), inputs.dim()))
+        mean = inputs.mean(dim=dims, keepdim=True)
+        scale = torch.rsqrt(inputs.detach().var(dim=dims, unbiased=False, keepdim=True) + module.eps)
+        normalised = (inputs - mean) * scale
+        shape = module.normalized_shape
+    else:  # instance norm
+        dims = tuple(range(2, inputs.dim()))
+        if module.track_running_stats and not module.training and module.running_mean is not None:
+            channel = (1, -1) + (1,) * len(dims)
+            mean = module.running_mean.view(channel)
+            scale = torch.rsqrt(module.running_var + module.eps).view(channel)
+        else:
+            mean = inputs.mean(dim=dims, keepdim=True)
+            scale = torch.rsqrt(inputs.detach().var(dim=dims, unbiased=False, keepdim=True) + module.eps)
+        normalised = (inputs - mean) * scale
+        shape = (1, -1) + (1,) * len(dims)
+    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+    if weight is not None:
+        normalised = normalised * weight.detach().reshape(shape)
+    if bias is not None:
+        normalised = normalised + bias.detach().reshape(shape)
+    return normalised
+
+
+def normalisation_rule(epsilon: float):
+    """Epsilon over a normalisation with its scale held constant (:func:`constant_scale_normalisation`):
+    ``R_x = x * A^T (R_z / stab(z))`` with ``A`` that linear map. The module's own backward would also
+    differentiate the scale, which takes relevance from nowhere; this backward does not."""
+    def rule(call, x, z, g):
+        magnitude = z.abs()
+        signal = g * magnitude.div_(magnitude + epsilon)
+        with torch.enable_grad():
+            leaf = _leaf(x)
+            (gradient,) = torch.autograd.grad(constant_scale_normalisation(call.layer, leaf), leaf, signal)
+        return "gradient", gradient
+    return rule

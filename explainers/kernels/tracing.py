@@ -18,7 +18,7 @@ from ..errors import UnsupportedModelError
 from .activations import FUNCTION_KINDS, METHOD_KINDS, MODULE_KINDS, refine_kind, split_inplace
 from .batchnorm import BATCH_NORMS, eval_batch_norm
 from .capture import offer
-from .layer_sites import ACTIVATION, BATCH_NORM, LAYER_MODULES, layer_site
+from .layer_sites import ACTIVATION, BATCH_NORM, LAYER_MODULES, NORMALISATION, NORMALISATION_MODULES, layer_site
 from .rules import rule_activation, rule_module_activation, rule_relu, rule_relu_
 
 def _activation_call(node: torch.fx.Node, modules: dict[str, nn.Module]):
@@ -263,7 +263,8 @@ def _through_relu(node: torch.fx.Node, modules: dict[str, nn.Module]) -> torch.f
 
 def _insert_layer_sites(graph: torch.fx.Graph, modules: dict[str, nn.Module]) -> None:
     """A :func:`layer_site` after every convolution or linear module call (merged with the batch norm
-    that is its only reader) and after every other batch norm module call.
+    that is its only reader), after every other batch norm module call and after every instance,
+    group or layer norm module call.
 
     Only plain calls (one positional input) of the exact module types are sites; anything else is
     left as it is, and a relevance method refuses what no site covers.
@@ -286,6 +287,8 @@ def _insert_layer_sites(graph: torch.fx.Graph, modules: dict[str, nn.Module]) ->
                 end = _through_offer(reader)
         elif type(module) in BATCH_NORMS:
             kind, batch_norm_node, end = BATCH_NORM, node, _through_offer(node)
+        elif type(module) in NORMALISATION_MODULES:
+            kind, end = NORMALISATION, _through_offer(node)
         else:
             continue
         end = _through_relu(end, modules)

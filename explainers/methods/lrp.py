@@ -15,12 +15,13 @@ the inputs). Composites, as zennit defines them (``zennit.composites``):
 A "first layer" is a layer site fed by the image with nothing but elementwise or reshaping
 operations in between (zennit takes the first such module in registration order instead).
 Batch norms that follow no convolution or linear layer get the epsilon rule as the diagonal linear
-layer they are; elementwise activations other than ReLU / leaky ReLU / PReLU pass relevance
-unchanged.
+layer they are; instance, group and layer norm modules get it over the linear map they are once
+their scale (the standard deviation they divide by) is held constant (Ali et al. 2022's LN-rule,
+also LXT's); elementwise activations other than ReLU / leaky ReLU / PReLU pass relevance unchanged.
 
 Models with an operation LRP has no rule for (a product of two input-dependent tensors such as
-squeeze-excitation gates or attention, softmax, layer or group norm, sigmoid or tanh, a functional
-convolution outside a module) are refused with :class:`UnsupportedOperationError` naming it, as are
+squeeze-excitation gates or attention, softmax, a functional layer or group norm outside its
+module, sigmoid or tanh, a functional convolution outside a module) are refused with :class:`UnsupportedOperationError` naming it, as are
 models fx cannot trace (no layer sites).
 """
 
@@ -36,7 +37,7 @@ from ..base import Cost, GradientRuleExplainer
 from ..errors import InvalidOptionError, UnsupportedModelError, UnsupportedOperationError
 from ..kernels import lrp_rules
 from ..kernels.forward_record import ForwardRecord
-from ..kernels.layer_sites import ACTIVATION, BATCH_NORM, CONVOLUTION, LINEAR, SiteCall, is_site_node
+from ..kernels.layer_sites import ACTIVATION, BATCH_NORM, CONVOLUTION, LINEAR, NORMALISATION, SiteCall, is_site_node
 from ..kernels.rule_models import rule_path
 from ..options import number
 from ..registry import register
@@ -123,7 +124,7 @@ class _Analysis:
             found = ", ".join(f"{_NAMES.get(name, _snake(name))} ({node})" for name, node in self._refused.items())
             raise UnsupportedOperationError(
                 f"lrp has no relevance rule for: {found}; it explains networks of convolutions, linear layers, "
-                f"batch norms, elementwise activations, pooling and additions", _snake(operations[0]) if operations[0]
+                f"batch, instance, group and layer norms, elementwise activations, pooling and additions", _snake(operations[0]) if operations[0]
                 not in _NAMES else _NAMES[operations[0]].split(" ")[0])
         self.site_indices = {self._site_index(node) for node in reach if is_site_node(node) and reach[node][0]}
 
@@ -201,6 +202,8 @@ class LRP(GradientRuleExplainer):
             return "pass"
         if call.kind == BATCH_NORM:
             return "epsilon"
+        if call.kind == NORMALISATION:
+            return "normalisation"
         composite = self.composite
         if first and composite == "epsilon_plus_flat":
             return "flat"
@@ -214,6 +217,7 @@ class LRP(GradientRuleExplainer):
         low = self.low if self.low is not None else _channel_extreme(inputs, torch.amin)
         high = self.high if self.high is not None else _channel_extreme(inputs, torch.amax)
         return {"pass": lrp_rules.pass_rule, "epsilon": lrp_rules.epsilon_rule(self.epsilon),
+                "normalisation": lrp_rules.normalisation_rule(self.epsilon),
                 "z_plus": lrp_rules.z_plus_rule, "gamma": lrp_rules.gamma_rule(self.gamma),
                 "flat": lrp_rules.flat_rule, "w_square": lrp_rules.w_square_rule,
                 "box": lrp_rules.box_rule(_per_channel(low, inputs), _per_channel(high, inputs))}

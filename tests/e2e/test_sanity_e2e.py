@@ -57,11 +57,10 @@ def _custom_metadata(server, model: str) -> dict:
 
 def test_describe_states_each_explainers_checks_on_the_demo_model(server):
     metadata = _custom_metadata(server, "shapes")
-    # lrp has no rule for the demo's instance norm: listed as unavailable, with its error, no checks.
-    assert metadata["unavailable_explainers"] == ["lrp"]
-    assert metadata["explainers"]["lrp"]["error"]["code"] == "unsupported_model"
-    explainers = {name: entry for name, entry in metadata["explainers"].items() if name != "lrp"}
-    assert set(explainers) >= {"saliency", "grad_cam", "guided_backprop", "integrated_gradients", "occlusion"}
+    # Every registered explainer can explain the demo model (lrp too: its instance norm has a rule).
+    assert metadata["unavailable_explainers"] == []
+    explainers = metadata["explainers"]
+    assert set(explainers) >= {"saliency", "grad_cam", "guided_backprop", "integrated_gradients", "occlusion", "lrp"}
     sanity = {name: entry["sanity"] for name, entry in explainers.items()}
     # The README's verdicts (Nie et al.; Adebayo et al.): guided backprop ignores the class.
     assert sanity["guided_backprop"]["class_sensitive"] is False
@@ -111,5 +110,5 @@ def test_the_gauge_is_on_the_metrics_address(server):
         time.sleep(0.1)
     assert {key: found.get(key) for key in expected} == expected
     metadata = _custom_metadata(server, "shapes")
-    measured = set(metadata["explainers"]) - set(metadata["unavailable_explainers"])  # lrp: no checks, no gauge
+    measured = set(metadata["explainers"]) - set(metadata["unavailable_explainers"])  # those have no checks, no gauge
     assert set(found) == {(name, check) for name in measured for check in ALL_PASS}

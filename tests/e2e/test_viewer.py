@@ -285,7 +285,7 @@ def test_the_explainers_offered_are_the_models_allowed_ones(browser, viewer_orig
         "return [...document.querySelectorAll('#explainer-list input')].map((box) => box.value)")
     reply = torchserve.request("GET", "/models/shapes?customized=true", api="management")
     metadata = reply.json()[0]["customizedMetadata"]  # the frontend hands the handler's JSON on parsed
-    unavailable = metadata.get("unavailable_explainers", [])  # lrp on the demo model (its instance norm)
+    unavailable = metadata.get("unavailable_explainers", [])  # e.g. lrp on a gated model
     assert offered == [name for name in metadata["allowed_explainers"] if name not in unavailable]
     assert browser.find_element(By.ID, "explainer-note").text == ""  # no "not published" note
 

@@ -454,15 +454,14 @@ class ManualAttention(nn.Module):
         return self.fc((weights @ t).mean(dim=1))
 
 
-class LayerNormNet(nn.Module):
+class FunctionalLayerNormNet(nn.Module):  # a layer norm outside its module: no site covers it
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.norm = nn.LayerNorm(4)
         self.fc = nn.Linear(4, 2)
 
     def forward(self, x):
-        return self.fc(self.norm(torch.relu(self.conv(x)).mean(dim=(2, 3))))
+        return self.fc(F.layer_norm(torch.relu(self.conv(x)).mean(dim=(2, 3)), (4,)))
 
 
 class Functional(nn.Module):
@@ -478,7 +477,7 @@ class Functional(nn.Module):
 @pytest.mark.parametrize("model, operation, also_named", [
     (SqueezeExcitation(), "sigmoid", ["mul (a product of two input-dependent tensors, e.g. a squeeze-excitation"]),
     (ManualAttention(), "bmm", ["softmax"]), (Attention(), None, []),
-    (LayerNormNet(), "layer_norm", []), (Functional(), "convolution", ["outside an nn.Conv1d/2d/3d module"])])
+    (FunctionalLayerNormNet(), "layer_norm", []), (Functional(), "convolution", ["outside an nn.Conv1d/2d/3d module"])])
 def test_models_without_a_rule_are_refused_naming_the_operation(model, operation, also_named):
     with pytest.raises(UnsupportedOperationError) as caught:
         lrp(model.eval(), torch.randn(1, 3, 8, 8))
@@ -489,6 +488,65 @@ def test_models_without_a_rule_are_refused_naming_the_operation(model, operation
         assert error.operation == operation and operation in str(error)
     for text in also_named:
         assert text in str(error)
+
+
+class NormalisedNet(nn.Module):
+    """Instance, group and layer norms between bias-free layers, as the demo models and ConvNeXt use them."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1, bias=False)
+        self.instance = nn.InstanceNorm2d(6, affine=True)
+        self.conv2 = nn.Conv2d(6, 8, 3, padding=1, bias=False)
+        self.group = nn.GroupNorm(2, 8)
+        self.layer = nn.LayerNorm(8)
+        self.fc = nn.Linear(8, 5, bias=False)
+
+    def forward(self, x):
+        x = torch.relu(self.instance(self.conv1(x)))
+        x = torch.relu(self.group(self.conv2(x)))
+        return self.fc(self.layer(x.mean(dim=(2, 3))))
+
+
+def held_scale_forward(model: NormalisedNet, x: torch.Tensor) -> torch.Tensor:
+    """The model's forward with each norm's standard deviation detached, written out."""
+    def normalise(t, dims, weight, bias, eps, shape):
+        centred = t - t.mean(dim=dims, keepdim=True)
+        std = (t.detach().var(dim=dims, unbiased=False, keepdim=True) + eps).sqrt()
+        return centred / std * weight.reshape(shape) + bias.reshape(shape)
+
+    channel = (1, -1, 1, 1)
+    y = model.conv1(x)
+    y = torch.relu(normalise(y, (2, 3), model.instance.weight, model.instance.bias, model.instance.eps, channel))
+    y = model.conv2(y)
+    groups = y.reshape(y.shape[0], 2, -1)
+    groups = (groups - groups.mean(dim=-1, keepdim=True)) / (
+        groups.detach().var(dim=-1, unbiased=False, keepdim=True) + model.group.eps).sqrt()
+    y = torch.relu(groups.reshape(y.shape) * model.group.weight.reshape(channel) + model.group.bias.reshape(channel))
+    pooled = y.mean(dim=(2, 3))
+    return model.fc(normalise(pooled, (1,), model.layer.weight, model.layer.bias, model.layer.eps, (1, -1)))
+
+
+def test_normalisations_propagate_relevance_with_their_scale_held_constant():
+    model = seeded(NormalisedNet(), seed=3)
+    with torch.no_grad():  # no norm bias: nothing absorbs relevance, so it is conserved
+        for norm in (model.instance, model.group, model.layer):
+            norm.bias.zero_()
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(4))
+    explanation = explainers.create("lrp", model, composite="epsilon", epsilon=1e-9).explain(x)
+    leaf = x.clone().requires_grad_(True)
+    logits = held_scale_forward(model, leaf)
+    assert torch.allclose(logits, model(x), atol=1e-5)  # the reference is the model's own forward
+    score = logits.gather(1, explanation.target.view(-1, 1)).sum()
+    (gradient,) = torch.autograd.grad(score, leaf)
+    reference = x * gradient
+    assert torch.allclose(explanation.attributions, reference, atol=1e-5, rtol=1e-4)
+    sums = explanation.attributions.sum(dim=(1, 2, 3))
+    assert torch.allclose(sums, logits.gather(1, explanation.target.view(-1, 1)).squeeze(1).detach(), rtol=1e-4)
+    # The module's own backward (the scale differentiated too) is another, non-conservative map.
+    (plain,) = torch.autograd.grad(model(leaf).gather(1, explanation.target.view(-1, 1)).sum(), leaf)
+    assert not torch.allclose(explanation.attributions, x * plain, atol=1e-3)
+    assert explanation.rule_sites.get("normalisation") == 3
 
 
 def test_an_untraceable_model_is_refused():

@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch import nn
 
 import explainers
 from tools import quality_figure as figure, quality_report as report, quality_sources
+from tools.quality_sources import ModelSource
 
 HEADLINE = ("deletion_auc", "insertion_auc", "pointing_game", "mask_energy", "class_map_similarity",
             "randomization_similarity")
@@ -33,10 +35,7 @@ def test_json_layout(tiny_report):
     document = json.loads((tiny_report / "quality.json").read_text())  # strict JSON: no NaN
     assert isinstance(document["model"], str) and "AllConvNet" in document["model"]
     assert document["images"] == 6
-    # lrp has no rule for the demo's instance norm: reported unavailable, with the reason.
-    assert set(document["methods"]) == set(explainers.available()) - {"lrp"}
-    assert document["unavailable"]["lrp"]["code"] == "unsupported_model"
-    assert document["unavailable"]["lrp"]["operation"] == "instance_norm"
+    assert set(document["methods"]) == set(explainers.available()) and "unavailable" not in document
     for name, entry in document["methods"].items():
         for metric in HEADLINE:
             assert isinstance(entry[metric], float), (name, metric, entry[metric])
@@ -62,12 +61,37 @@ def test_markdown_table_shows_the_json_numbers(tiny_report):
         cells = [cell.strip() for cell in row.strip("|").split("|")]
         assert cells[2:8] == [f"{entry[metric]:.3f}" for metric in HEADLINE], name
     assert "![" in table and "quality.png" in table
-    assert "`lrp` cannot explain this model: lrp has no relevance rule for: instance_norm" in table
+
+
+class GatedNet(nn.Module):
+    """A squeeze-excitation style gate: lrp has no rule for a product of two input-dependent tensors."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        features = torch.relu(self.conv(x))
+        gate = torch.sigmoid(features.mean(dim=(2, 3), keepdim=True))
+        return self.fc((features * gate).mean(dim=(2, 3)))
+
+
+def test_a_method_that_cannot_explain_the_model_is_reported_unavailable(tmp_path):
+    torch.manual_seed(0)
+    source = ModelSource(name="gated", description="GatedNet", model=GatedNet().eval(), input_size=(16, 16),
+                         mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), class_names=("a", "b", "c"))
+    settings = report.ReportSettings(images=4, cascade_images=2, steps=4, examples=1, methods=("saliency", "lrp"))
+    document, _ = report.run(settings, source, progress=lambda line: None)
+    assert set(document["methods"]) == {"saliency"}
+    assert document["unavailable"]["lrp"]["code"] == "unsupported_model"
+    assert document["unavailable"]["lrp"]["operation"] == "sigmoid"
+    assert "`lrp` cannot explain this model: lrp has no relevance rule for: sigmoid" in report.markdown(document)
 
 
 def test_picture_has_a_row_per_method_and_columns_per_example(tiny_report):
     picture = Image.open(tiny_report / "quality.png").convert("RGB")
-    rows = len(explainers.available()) - 1 + 1  # every method but lrp (unavailable on the demo), + the input/mask row
+    rows = len(explainers.available()) + 1  # every method, + the input/mask row
     columns = len(report.FIGURE_COLUMNS)
     block = columns * figure.TILE + (columns - 1) * figure.GAP
     assert picture.size == (figure.LABEL_WIDTH + 2 * block + figure.EXAMPLE_GAP + figure.GAP,
