@@ -1,3 +1,3 @@
 """The built-in explanation methods; importing this package registers them."""
 
-from . import captum, cam, gradients, integrated_gradients  # noqa: F401  (registration)
+from . import captum, cam, cam_family, gradients, integrated_gradients, normgrad, perturbation_cams  # noqa: F401  (registration)
