@@ -11,7 +11,8 @@ from torch import nn
 import explainers
 from support import cam_references as ref
 from support.cam_references import assert_close
-from support.models import ChannelsLastNet, ModuleReluNet, TinyResNet, TokenNet, seeded
+from explainers.kernels import capture
+from support.models import ChannelsLastNet, ModuleReluNet, TinyResNet, TokenNet, UntraceableNet, seeded
 
 
 def plain_score_cam(model, x, target: int, A):
@@ -27,12 +28,23 @@ def plain_score_cam(model, x, target: int, A):
     return ref.upsample(torch.relu((weights[None, :, None, None] * A).sum(dim=1, keepdim=True)), x.shape[-2:])
 
 
+def hooked_activation(model, x, layer: str) -> torch.Tensor:
+    """The layer's output at its last call, copied before anything after it can change it in place."""
+    captured = []
+    handle = dict(model.named_modules())[layer].register_forward_hook(lambda _m, _a, out: captured.append(out.clone()))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        handle.remove()
+    return captured[-1]
+
+
 def plain_ablation_cam(model, x, target: int, layer: str, layout: str, prefix: int):
     module = dict(model.named_modules())[layer]
     with torch.no_grad():
         y = float(explainers.logits_of(model(x))[0, target])
-    raw_a, _, _ = ref.hooked_activation_and_gradient(model, x, torch.tensor([target]), layer)
-    A = ref.as_nchw(raw_a, layout, prefix)
+    A = ref.as_nchw(hooked_activation(model, x, layer), layout, prefix)
     weights = []
     for k in range(A.shape[1]):
         def zero(_module, _args, output, k=k):
@@ -60,6 +72,7 @@ CASES = [
     (TinyResNet, "block2", "nchw", 0),
     (ChannelsLastNet, "act", "nhwc", 0),
     (TokenNet, "block", "tokens", 1),
+    (UntraceableNet, "conv3", "nchw", 0),   # the fallback path: the model's own modules, hooks feed the capture
 ]
 
 
@@ -72,8 +85,7 @@ def test_score_and_ablation_cam_equal_the_plain_loops(model_class, layer, layout
     _, explanations = explainers.predict_and_explain(model, x, ["score_cam", "ablation_cam"], target=targets,
                                                      score_cam=options, ablation_cam=options)
     for row, target in enumerate(targets):
-        A = ref.as_nchw(ref.hooked_activation_and_gradient(model, x[row:row + 1], torch.tensor([target]), layer)[0],
-                        layout, prefix)
+        A = ref.as_nchw(hooked_activation(model, x[row:row + 1], layer), layout, prefix)
         score = plain_score_cam(model, x[row:row + 1], target, A)
         ablation = plain_ablation_cam(model, x[row:row + 1], target, layer, layout, prefix)
         assert score.abs().max() > 0 and ablation.abs().max() > 0
@@ -152,3 +164,32 @@ def test_bad_options_are_refused(options):
     for name in ("score_cam", "ablation_cam"):
         with pytest.raises(explainers.InvalidOptionError):
             explainers.create(name, ModuleReluNet(), **options)
+
+
+class FailsWhenArmed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.calls_left = None
+
+    def forward(self, x):
+        if self.calls_left is not None:
+            if self.calls_left == 0:
+                raise RuntimeError("injected failure")
+            self.calls_left -= 1
+        return x
+
+
+def test_a_failure_inside_the_ablation_forwards_leaves_no_hook_and_no_capture():
+    model = seeded(UntraceableNet())
+    tripwire = FailsWhenArmed()
+    model.fc = nn.Sequential(tripwire, model.fc)
+    x = torch.randn(1, 3, 16, 16)
+    options = {"layer": "conv3", "max_channels": 6, "batch_size": 2}
+    expected = explainers.create("ablation_cam", model, **options).explain(x, target=1).attributions
+    tripwire.calls_left = 2  # the shared forward and the first ablation batch pass, the second fails
+    with pytest.raises(RuntimeError, match="injected failure"):
+        explainers.create("ablation_cam", model, **options).explain(x, target=1)
+    assert all(not module._forward_hooks and not module._forward_pre_hooks for module in model.modules())
+    assert capture._ACTIVE_CAPTURE.get() is None
+    tripwire.calls_left = None
+    assert torch.equal(explainers.create("ablation_cam", model, **options).explain(x, target=1).attributions, expected)
