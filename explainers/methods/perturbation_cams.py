@@ -124,8 +124,10 @@ class _AblatingCapture(LayerCapture):
 
 @register("ablation_cam")
 class AblationCam(PerturbationCam):
-    """Ablation-CAM (Desai & Ramaswamy 2020): ``w_k = (y - y_k) / y``, ``y`` the target logit and
+    """Ablation-CAM (Desai & Ramaswamy 2020): ``w_k = (y - y_k) / |y|``, ``y`` the target logit and
     ``y_k`` the target logit with channel ``k`` of the layer's output set to 0 (0 where ``y`` is 0).
+    The paper (and pytorch-grad-cam) divide by ``y``; the same for a positive logit, and for a
+    negative one ``|y|`` keeps a channel whose removal lowers the score weighing positively.
 
     Each ablated channel is one row of a forward of the whole model (the layers before the layer
     run again: the cost is stated in whole-model rows). On a token sequence only the patch grid's
@@ -150,4 +152,4 @@ class AblationCam(PerturbationCam):
         score = record.logits.detach()[row, target]
         if score == 0:
             return torch.zeros(len(channels), dtype=record.logits.dtype)
-        return (score - torch.cat(scores)) / score
+        return (score - torch.cat(scores)) / score.abs()

@@ -34,7 +34,8 @@ LAYERS = ["features.1", "features.3", "features.4", "features.6"]
 
 
 class Scaled(nn.Module):
-    """ModuleReluNet with logits x100: gradients well above pytorch-grad-cam's epsilons."""
+    """ModuleReluNet with logits x100 (gradients well above pytorch-grad-cam's epsilons), shifted
+    positive (Ablation-CAM: it divides by the logit, we by its magnitude, the same when positive)."""
 
     def __init__(self):
         super().__init__()
@@ -42,7 +43,7 @@ class Scaled(nn.Module):
         self.features, self.head = net.features, net.head
 
     def forward(self, x):
-        return 100 * self.head(self.features(x))
+        return 100 * self.head(self.features(x)) + 20_000
 
 
 @pytest.fixture(scope="module")
