@@ -12,6 +12,7 @@ has been explained at that layer and input size once, and the exact count after.
 
 from __future__ import annotations
 
+import abc
 import threading
 import weakref
 
@@ -25,9 +26,9 @@ from ..kernels.forward_record import ForwardRecord
 from ..kernels.rule_models import rule_model_for, uses_traced_rules
 from ..options import positive_int
 from ..outputs import logits_of
+from ..registry import register
 from .cam import CamExplainer, upsample_to, weighted_channels
 from .feature_maps import as_feature_map
-from ..registry import register
 
 _channel_counts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {key: K}
 _channel_counts_lock = threading.Lock()
@@ -70,10 +71,10 @@ class PerturbationCam(CamExplainer):
     def chunks(self, count: int):
         return (slice(start, min(start + self.batch_size, count)) for start in range(0, count, self.batch_size))
 
+    @abc.abstractmethod
     def channel_weights(self, record: ForwardRecord, row: int, channels: torch.Tensor,
                         target: torch.Tensor) -> torch.Tensor:
-        """The weights ``[n]`` of ``channels`` of row ``row`` for its target class."""
-        raise NotImplementedError
+        """The weights ``[n]`` of ``channels`` of row ``row`` for its target class (no autograd)."""
 
 
 @register("score_cam")
@@ -118,7 +119,7 @@ class _AblatingCapture(LayerCapture):
         grid = as_feature_map(mask, self.size, self.explainer.reshape, self.explainer.prefix_tokens)
         if grid is None or grid.shape[0] != len(self.channels):
             raise UnsupportedModelError(f"cannot ablate channels of {list(value.shape)}")
-        grid[torch.arange(len(self.channels)), self.channels] = 0  # a view: writes into mask
+        grid[torch.arange(len(self.channels), device=value.device), self.channels.to(value.device)] = 0  # a view: writes into mask
         return value * mask
 
 
@@ -151,5 +152,5 @@ class AblationCam(PerturbationCam):
                 scores.append(logits_of(rule_model(image.repeat(len(channels[part]), 1, 1, 1)))[:, target])
         score = record.logits.detach()[row, target]
         if score == 0:
-            return torch.zeros(len(channels), dtype=record.logits.dtype)
+            return torch.zeros(len(channels), dtype=record.logits.dtype, device=record.logits.device)
         return (score - torch.cat(scores)) / score.abs()
