@@ -74,7 +74,6 @@ def test_gradient_cams_share_one_backward_to_the_layer(batch, monkeypatch):
                                    **{name: {"layer": "features.6"} for name in [*GRADIENT_CAMS, "guided_grad_cam", "eigen_cam"]})
     assert len(calls) == 2  # the shared one to the layer, guided backprop's to the input
     calls.clear()
-    # Other targets are another backward.
     explainers.predict_and_explain(model, batch, ["normgrad"], normgrad={"layers": ["features.1", "features.6"]})
     assert len(calls) == 1  # both layers' gradients from one backward
 
