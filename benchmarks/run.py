@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     if arguments.architectures_only and arguments.no_architectures:
         parser.error("--architectures-only and --no-architectures exclude each other")
 
-    from . import architectures, e2e, inprocess, lrp, oip_front
+    from . import architectures, cam_family, e2e, inprocess, lrp, oip_front
     from .models import RESNET50_FILE, demo_model, resnet50
 
     if arguments.threads:
@@ -97,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, model, description, size, classes, batches, ig_batch in models:
         result = inprocess.run_model(name, model, size, classes, batches, selected[name], ig_batch, log=log)
         report["models"][name] = {"description": description, **result}
+    if models:  # issue 13: every gradient CAM in one request against Grad-CAM alone (ResNet-50; smoke: the demo)
+        name, model, _, size, *_ = models[-1]
+        rounds, budget_s = CAM_FAMILY_ROUNDS[mode]
+        report["cam_family"] = cam_family.run(name, model, size, [1, 4], rounds, budget_s, device, log=log)
 
     if arguments.no_architectures:
         report["architectures"] = {"skipped": "--no-architectures"}
@@ -142,6 +146,9 @@ def guarded(function, *args, **kwargs) -> dict:
         return {"skipped": f"failed: {type(error).__name__}: {str(error)[:2000]}"}
 
 
+# (rounds, budget in seconds) of the CAM family part per mode.
+CAM_FAMILY_ROUNDS = {"smoke": (2, 5), "quick": (5, 40), "full": (11, 120)}
+
 DEFINITIONS = {
     "floor": "forward with autograd + torch.autograd.grad of the top-1 logit w.r.t. the input, on the model as given",
     "stock": "no-grad prediction, then Captum attribute() per method (GuidedBackprop, Saliency(abs=False), Deconvolution, "
@@ -160,6 +167,8 @@ DEFINITIONS = {
     "lrp": "torchvision resnet50 (seeded random weights, batch norms calibrated on noise); predict_and_explain(model, x, "
            "['lrp']) with the epsilon_plus_flat composite (and, reported, epsilon) against the floor, interleaved rounds, "
            "median of per-round ratios",
+    "cam_family": "predict_and_explain with grad_cam, grad_cam_plus_plus, xgrad_cam, hires_cam, layer_cam and normgrad "
+                  "over predict_and_explain with grad_cam alone, same inputs, interleaved rounds (goal <= 1.1)",
     "peak_memory": "peak of tensor memory allocated during one call (profiler allocator events on CPU)",
     "oip_front": "predict through the OIP front server (binary tensor extension) vs TorchServe directly, one client, "
                  "keep-alive, same image, interleaved, batchSize 1; share = median of per-round (front - direct) / median front",
@@ -186,6 +195,10 @@ def goal_table(report: dict) -> list[dict]:
                 rows.append({"model": model_name, "batch": int(batch), "goal": "integrated_gradients_peak_memory_mib",
                              "value": memory["ours"], "p25": None, "p75": None, "target": f"<= captum {memory['captum']}",
                              "status": memory["status"], "numerator_median_ms": None, "denominator_median_ms": None})
+    if "cam_family" in report:
+        from .cam_family import goal_rows as cam_family_rows
+
+        rows += cam_family_rows(report["cam_family"])
     if "models" in report.get("architectures", {}):
         from .architectures import goal_rows
 

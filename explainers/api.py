@@ -54,8 +54,10 @@ def predict_and_explain(
     """Logits of ``inputs`` and an explanation per method, from one forward pass of the model.
 
     Gradient-rule methods (saliency, input_x_gradient, guided_backprop, deconvnet, grad_cam,
-    guided_grad_cam) share that forward and each pay one backward; path and perturbation methods
-    run after it, for the same targets.
+    guided_grad_cam) share that forward and each pay one backward; the CAM family shares it too
+    (its gradient CAMs share one backward to their layer, Eigen-CAM needs none, Score-CAM and
+    Ablation-CAM add their own forwards); path and perturbation methods run after it, for the same
+    targets.
 
     Args:
         model: an eager image classifier returning logits ``[B, classes]``.

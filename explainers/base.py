@@ -19,7 +19,9 @@ class Cost:
 
     ``evaluations`` rows of the model are run (forward, and backward where the method needs one)
     in passes of at most ``rows_per_forward`` rows. ``evaluations_option`` and ``batch_option`` name
-    the options a client changes to lower them (None where no option does).
+    the options a client changes to lower them (None where no option does). ``backward_to_layer``:
+    the backward passes stop at a layer instead of reaching the input (CAM methods), and one is
+    shared by every method of a request that weighs the same layer for the same targets.
     """
 
     evaluations: int = 0
@@ -27,6 +29,7 @@ class Cost:
     rows_per_forward: int = 1
     evaluations_option: str | None = None
     batch_option: str | None = None
+    backward_to_layer: bool = False
 
 
 class Explainer(abc.ABC):

@@ -92,6 +92,8 @@ EXPENSIVE_BUDGETS: Mapping[str, Budget] = {
     "integrated_gradients": Budget(images=128, cascade_images=32),
     "smoothgrad": Budget(images=128, cascade_images=32),
     "occlusion": Budget(images=64, cascade_images=16),
+    "score_cam": Budget(images=64, cascade_images=16),
+    "ablation_cam": Budget(images=64, cascade_images=16),
 }
 
 
@@ -101,6 +103,8 @@ MODEL_EXPENSIVE_BUDGETS: Mapping[str, Budget] = {
     "integrated_gradients": Budget(images=4, cascade_images=2),
     "smoothgrad": Budget(images=4, cascade_images=2),
     "occlusion": Budget(images=4, cascade_images=1),
+    "score_cam": Budget(images=4, cascade_images=1),
+    "ablation_cam": Budget(images=4, cascade_images=1),
 }
 
 

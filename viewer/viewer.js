@@ -8,7 +8,8 @@ const DEFAULTS = { inference: "http://127.0.0.1:8080", management: "http://127.0
 // the server's refusal (its error.message) say which are not allowed.
 const KNOWN_EXPLAINERS = [
   "saliency", "input_x_gradient", "guided_backprop", "deconvnet", "integrated_gradients",
-  "smoothgrad", "grad_cam", "guided_grad_cam", "occlusion", "lrp",
+  "smoothgrad", "grad_cam", "guided_grad_cam", "occlusion", "grad_cam_plus_plus", "xgrad_cam",
+  "hires_cam", "layer_cam", "normgrad", "eigen_cam", "score_cam", "ablation_cam", "lrp",
 ];
 const PREFERRED_DEFAULTS = ["guided_backprop", "grad_cam"];
 const COLORMAPS = { sequential: ["inferno", "hot", "gray"], diverging: ["coolwarm", "bwr", "gray"] };

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -31,6 +31,7 @@ class ForwardRecord:
         self.model = model
         self._selector = RuleSelector()
         self.site_state: LayerSiteState | None = LayerSiteState() if layer_sites else None
+        self._layer_gradients: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
         rule_model = rule_model_for(model, inputs, layer_sites=layer_sites)
         names = ALL_LAYERS if layers is ALL_LAYERS else set(layers)
         if names:
@@ -91,12 +92,28 @@ class ForwardRecord:
     def layer_gradient(self, targets: torch.Tensor, layer: str) -> torch.Tensor:
         """Plain d score / d activation of ``layer``: a backward that stops at the layer.
 
+        Memoised per (layer, targets): every CAM method weighing the same layer for the same
+        targets reads the one backward. Do not modify the returned tensor.
+
         Raises:
             InvalidOptionError: the layer does not feed the model's output.
         """
-        with self._selector.applying(BackwardRule.GRADIENT):
-            (gradient,) = torch.autograd.grad(self.score(targets), self.activations[layer], retain_graph=True,
-                                              allow_unused=True)
-        if gradient is None:
-            raise InvalidOptionError(f"layer {layer!r} does not feed the model's output: nothing to weigh")
-        return gradient
+        return self.layer_gradients(targets, [layer])[0]
+
+    def layer_gradients(self, targets: torch.Tensor, layers: Sequence[str]) -> list[torch.Tensor]:
+        """:meth:`layer_gradient` of each of ``layers``; those not memoised yet from one backward.
+
+        Raises:
+            InvalidOptionError: a layer does not feed the model's output.
+        """
+        key = tuple(targets.tolist())
+        missing = list(dict.fromkeys(layer for layer in layers if (layer, key) not in self._layer_gradients))
+        if missing:
+            with self._selector.applying(BackwardRule.GRADIENT):
+                gradients = torch.autograd.grad(self.score(targets), [self.activations[layer] for layer in missing],
+                                                retain_graph=True, allow_unused=True)
+            for layer, gradient in zip(missing, gradients):
+                if gradient is None:
+                    raise InvalidOptionError(f"layer {layer!r} does not feed the model's output: nothing to weigh")
+                self._layer_gradients[layer, key] = gradient
+        return [self._layer_gradients[layer, key] for layer in layers]

@@ -3,7 +3,8 @@ metadata, a response's verdicts, the gauge on the metrics address, and sanity_po
 
 The demo archive carries its checks (measured when it was built, on its ten sample shapes), so the
 model loads without measuring: the test checks that too, and that the checks of every allowed
-explainer cost under 15 CPU-seconds (what they take on two otherwise idle cores, at most).
+explainer cost under 20 CPU-seconds (17 explainers: 11.5 on two otherwise idle cores, 13 for the first
+nine on a busy machine before the CAM family came).
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def test_describe_states_each_explainers_checks_on_the_demo_model(server):
     # Stored in the archive, so the load measured nothing; measuring them all cost under 15 CPU-seconds.
     assert metadata["probes"] == "sample_images" and metadata["measured_at_load_seconds"] == 0
     assert {entry["source"] for entry in explainers.values()} == {"archive"}
-    assert sum(entry["cpu_seconds"] for entry in explainers.values()) < 15
+    assert sum(entry["cpu_seconds"] for entry in explainers.values()) < 20  # 17 explainers (11.5 s idle)
 
 
 def test_each_explanation_entry_carries_its_verdicts(server):

@@ -124,3 +124,46 @@ def test_a_layer_that_does_not_feed_the_output_is_a_typed_error():
     googlenet, size = build_torchvision("googlenet")
     with pytest.raises(explainers.PluginError):   # the auxiliary head does not run in eval mode
         explainers.predict_and_explain(googlenet, noise_inputs(size), ["grad_cam"], grad_cam={"layer": "aux1"})
+
+
+# The rest of the CAM family at a representative subset of the layers above (a container, a signed
+# convolution output, an inverted residual block, ViT tokens, a Swin channels-last map): every method
+# at every case would add a minute to the battery for no new code path (the formulas are checked on
+# many more layers of small models in tests/unit/test_cam_family.py).
+FAMILY_CASES = [CASES[0], CASES[3], CASES[4], CASES[6], CASES[8]]
+
+
+@pytest.mark.parametrize(("model_name", "layer", "layout", "prefix_tokens"), FAMILY_CASES,
+                         ids=[f"{case[0]}-{case[1]}" for case in FAMILY_CASES])
+def test_the_cam_family_at_a_named_layer_equals_the_formulas(request, model_name, layer, layout, prefix_tokens):
+    from support import cam_references as ref
+
+    model = request.getfixturevalue(model_name)
+    size = 64 if model_name in ("vit_b_16", "swin_t") else 96
+    inputs = noise_inputs(size, batch=2, seed=3)
+    with torch.no_grad():
+        logits = explainers.logits_of(model(inputs))
+    targets = torch.stack([logits[0].argmax(), logits[1].argmin()])
+    names = sorted(ref.CAMS)
+    fingerprint = ModelFingerprint(model)
+    _, explanations = explainers.predict_and_explain(model, inputs, names, target=targets,
+                                                     **{name: {"layer": layer} for name in names})
+    assert not fingerprint.differences(model)
+    raw_a, raw_g, _ = ref.hooked_activation_and_gradient(model, inputs, targets, layer)
+    A, G = ref.as_nchw(raw_a, layout, prefix_tokens), ref.as_nchw(raw_g, layout, prefix_tokens)
+    for name in names:
+        expected = ref.upsample(ref.CAMS[name](A, G), inputs.shape[-2:])
+        assert expected.abs().max() > 0, name
+        assert explanations[name].layer == layer
+        assert relative_difference(explanations[name].attributions, expected) <= REFERENCE_RTOL, name
+
+
+@pytest.mark.parametrize("model_name, layer", [("vit_b_16", "encoder.layers.encoder_layer_10"), ("swin_t", "features.5")])
+def test_score_and_ablation_cam_on_tokens_and_channels_last(request, model_name, layer):
+    model = request.getfixturevalue(model_name)
+    options = {"layer": layer, "max_channels": 4, "batch_size": 4}
+    _, explanations = explainers.predict_and_explain(model, noise_inputs(64), ["score_cam", "ablation_cam"],
+                                                     score_cam=options, ablation_cam=options)
+    for explanation in explanations.values():
+        assert explanation.attributions.shape == (1, 1, 64, 64) and torch.isfinite(explanation.attributions).all()
+        assert explanation.attributions.min() >= 0

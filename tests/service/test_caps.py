@@ -49,6 +49,12 @@ METHOD_OPTIONS = {
     "integrated_gradients": {"n_steps": 12, "internal_batch_size": 5},
     "smoothgrad": {"samples": 7, "batch_size": 3},
     "occlusion": {"window": 6, "stride": 5, "perturbations_per_eval": 4},
+    "grad_cam_plus_plus": {},
+    "eigen_cam": {},
+    "normgrad": {"layers": ["features.1", "features.6"]},
+    # ModuleReluNet's default layer has 8 channels: 5 of them weighed, 2 rows per forward.
+    "score_cam": {"max_channels": 5, "batch_size": 2},
+    "ablation_cam": {"max_channels": 5, "batch_size": 2},
 }
 
 
@@ -120,6 +126,23 @@ def test_the_service_refuses_it_with_a_422_naming_the_cap():
     document["options"]["test_costly_method"]["passes"] = 4
     (reply,) = service.handle([RawRequest({"body": json.dumps(document).encode()}, {}, False)])
     assert reply.status == 200 and reply.error_code is None, reply.body
+
+
+@pytest.mark.parametrize("method", ["score_cam", "ablation_cam"])
+def test_the_service_refuses_too_many_channels_with_the_typed_error(method):
+    settings = ServingSettings.from_mapping({"input_size": [16, 16], "class_names": CLASSES})
+    service = ExplanationService(seeded(ModuleReluNet()), settings)
+    document = {"image": base64.b64encode(_png()).decode(), "explain": [method],
+                "options": {method: {"max_channels": 300}}}
+    (reply,) = service.handle([RawRequest({"body": json.dumps(document).encode()}, {}, False)])
+    assert reply.status == 422 and reply.error_code == "cost_cap_exceeded"
+    assert reply.body["error"]["cap"] == "max_evaluations_per_explanation" and "max_channels" in reply.body["error"]["message"]
+    document["options"][method] = {"max_channels": 200, "batch_size": 200}
+    (reply,) = service.handle([RawRequest({"body": json.dumps(document).encode()}, {}, False)])
+    assert reply.status == 422 and reply.body["error"]["cap"] == "max_batch_per_forward"
+    document["options"][method] = {"max_channels": 200}  # stated 200 (the layer unseen yet), within the caps
+    (reply,) = service.handle([RawRequest({"body": json.dumps(document).encode()}, {}, False)])
+    assert reply.status == 200, reply.body
 
 
 def test_named_caps_keep_bounding_their_methods():

@@ -67,7 +67,7 @@ json_values = st.recursive(
 names = st.sampled_from(explainers.available() + ["", "lime", "SALIENCY", " saliency", "grad_cam,saliency"])
 option_names = st.sampled_from(
     ["n_steps", "internal_batch_size", "baseline", "method", "samples", "noise", "batch_size", "window",
-     "stride", "perturbations_per_eval", "layer", "bogus"])
+     "stride", "perturbations_per_eval", "layer", "layers", "combine", "max_channels", "reshape", "bogus"])
 option_values = st.one_of(
     st.integers(min_value=-3, max_value=2_000), st.sampled_from([0, 10**9, 10**30, -1, True, None]),
     st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=12), json_values,

@@ -137,3 +137,34 @@ def randomise_batchnorm(model: nn.Module, seed: int = 1) -> nn.Module:
             module.running_mean.copy_(torch.randn(module.running_mean.shape, generator=generator) * 0.1)
             module.running_var.copy_(torch.rand(module.running_var.shape, generator=generator) + 0.5)
     return model
+
+
+class ChannelsLastNet(nn.Module):
+    """A Swin-like stage: its ``act`` outputs a channels-last map ``[B, 8, 8, 5]``."""
+
+    def __init__(self, classes: int = 4):
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+        self.mix = nn.Linear(6, 5)
+        self.act = nn.GELU()
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(20, classes))
+
+    def forward(self, x):
+        x = self.act(self.mix(self.conv(x).permute(0, 2, 3, 1)))
+        return self.head(x.permute(0, 3, 1, 2))
+
+
+class TokenNet(nn.Module):
+    """A ViT-like model: a class token and a 4x4 grid of patch tokens; ``block`` outputs ``[B, 17, 6]``."""
+
+    def __init__(self, classes: int = 4):
+        super().__init__()
+        self.patch = nn.Conv2d(3, 6, 4, stride=4)
+        self.cls = nn.Parameter(torch.randn(1, 1, 6))
+        self.block = nn.Sequential(nn.Linear(6, 6), nn.GELU())
+        self.head = nn.Linear(17 * 6, classes)
+
+    def forward(self, x):
+        tokens = self.patch(x).flatten(2).transpose(1, 2)
+        tokens = torch.cat([self.cls.expand(len(x), -1, -1), tokens], dim=1)
+        return self.head(self.block(tokens).flatten(1))

@@ -31,6 +31,11 @@ def test_smoke_run_writes_the_report_layout(tmp_path, capsys):
         assert ig["peak_memory_mib"]["ours"] > 0 and ig["peak_memory_mib"]["captum"] > 0
     assert report["end_to_end"] == {"skipped": "smoke mode"}
     assert report["oip_front"] == {"skipped": "smoke mode"}
+    cams = report["cam_family"]
+    assert cams["model"] == "demo" and set(cams["batches"]) == {"1", "4"}
+    for entry in cams["batches"].values():
+        value = entry["ratios"]["all_gradient_cams_over_grad_cam"]
+        assert value["status"] in ("ok", "short") and value["ratio"] > 0, value
 
     resnet18 = report["architectures"]["models"]["resnet18"]
     assert report["architectures"]["input_size"] == [64, 64]
@@ -45,7 +50,7 @@ def test_smoke_run_writes_the_report_layout(tmp_path, capsys):
     goals = {(row["model"], row["goal"]) for row in report["goals"]}
     assert {("demo", "ours_gbp_over_floor"), ("demo", "integrated_gradients_peak_memory_mib"),
             ("resnet18", "guided_backprop_over_floor"), ("resnet18", "saliency_gbp_grad_cam_over_floor"),
-            ("resnet18", "model_load_warmup_ms")} <= goals
+            ("resnet18", "model_load_warmup_ms"), ("demo", "all_gradient_cams_over_grad_cam")} <= goals
     printed = capsys.readouterr().out
     assert "ours_gbp_over_floor" in printed and "guided_backprop_over_floor" in printed
 

@@ -11,7 +11,15 @@ from explainers.kernels.rules import active_selector
 from support.models import MixedReluNet, ModuleReluNet, TinyResNet, UntraceableNet, seeded
 from support.reference_rules import reference_attribution
 
-OPTIONS = {"occlusion": {"window": 8}, "smoothgrad": {"samples": 2}, "integrated_gradients": {"n_steps": 4}}
+OPTIONS = {"occlusion": {"window": 8}, "smoothgrad": {"samples": 2}, "integrated_gradients": {"n_steps": 4},
+           "score_cam": {"layer": "block2", "max_channels": 4, "batch_size": 2},
+           "ablation_cam": {"layer": "block2", "max_channels": 4, "batch_size": 2}, "eigen_cam": {"layer": "block2"}}
+# Methods without a backward fail in a forward instead: occlusion and Score-CAM in their own forwards
+# (they run the model itself), Eigen-CAM and Ablation-CAM in the shared forward with the layer captured
+# (Ablation-CAM's own forwards run the traced graph, where the tripwire is frozen: see
+# test_perturbation_cams for a failure inside them).
+TRIPWIRES = {"occlusion": ("forward", 1), "score_cam": ("forward", 3), "eigen_cam": ("forward", 1),
+             "ablation_cam": ("forward", 1)}
 
 
 def model_state(model: nn.Module) -> dict:
@@ -87,8 +95,7 @@ def test_model_state_unchanged_after_explaining(name):
 
 @pytest.mark.parametrize("name", explainers.available())
 def test_model_state_unchanged_when_the_explanation_raises(name):
-    # Occlusion never runs a backward: it fails in its second forward (after the prediction).
-    tripwire = Tripwire("forward", 1) if name == "occlusion" else Tripwire("backward")
+    tripwire = Tripwire(*TRIPWIRES.get(name, ("backward",)))
     model = half_trained_resnet(tripwire)
     before = model_state(model)
     # LRP refuses a model with a custom autograd.Function (its rules need the traced layers): it

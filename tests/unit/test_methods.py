@@ -9,6 +9,9 @@ import explainers
 from support.models import ModuleReluNet, TinyResNet, seeded
 
 GRADIENT_RULE_METHODS = {"saliency", "input_x_gradient", "guided_backprop", "deconvnet", "grad_cam", "guided_grad_cam", "lrp"}
+# One map per row rather than per input channel.
+CAM_METHODS = {"grad_cam", "grad_cam_plus_plus", "xgrad_cam", "hires_cam", "layer_cam", "normgrad", "eigen_cam",
+               "score_cam", "ablation_cam"}
 
 
 def assert_close(actual, expected, rtol=1e-5):
@@ -23,7 +26,8 @@ def batch():
 def test_registry_lists_the_contract_names():
     assert explainers.available() == sorted([
         "saliency", "input_x_gradient", "guided_backprop", "deconvnet", "integrated_gradients",
-        "smoothgrad", "grad_cam", "guided_grad_cam", "occlusion", "lrp"])
+        "smoothgrad", "grad_cam", "guided_grad_cam", "occlusion", "grad_cam_plus_plus", "xgrad_cam", "hires_cam",
+        "layer_cam", "eigen_cam", "score_cam", "ablation_cam", "normgrad", "lrp"])
 
 
 @pytest.mark.parametrize("name", explainers.available())
@@ -31,7 +35,7 @@ def test_every_explainer_explains_a_residual_model(name, batch):
     model = seeded(TinyResNet())
     options = {"occlusion": {"window": 4}, "smoothgrad": {"samples": 4}}.get(name, {})
     explanation = explainers.create(name, model, **options).explain(batch, target=[0, 1, 2])
-    channels = 1 if name == "grad_cam" else 3
+    channels = 1 if name in CAM_METHODS else 3
     assert explanation.method == name
     assert explanation.attributions.shape == (3, channels, 16, 16)
     assert explanation.target.dtype == torch.long and explanation.target.tolist() == [0, 1, 2]

@@ -71,3 +71,12 @@ def test_examples_are_listed_from_the_folder(tmp_path: Path):
     assert example_names(tmp_path) == ["a.JPG", "b.png"]
     assert example_names(tmp_path / "missing") == []
     assert json.dumps(example_names(tmp_path))
+
+
+def test_the_viewers_fallback_list_is_every_registered_explainer():
+    """Offered when a server does not publish its allowed explainers: it must not miss a method."""
+    import explainers
+
+    script = (VIEWER_DIR / "viewer.js").read_text()
+    listed = re.search(r"const KNOWN_EXPLAINERS = \[(.*?)\];", script, re.S).group(1)
+    assert sorted(re.findall(r'"([a-z_]+)"', listed)) == explainers.available()
