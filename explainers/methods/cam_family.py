@@ -71,9 +71,11 @@ def principal_projection(activation: torch.Tensor) -> torch.Tensor:
     """Each row's positions projected on the first principal component of its activations, ``[B, 1, h, w]``.
 
     Positions are the samples, channels the features, centred over positions. An SVD's sign is
-    arbitrary; ours is chosen so the projection correlates positively with the mean activation over
-    channels (where the layer fires as a whole is positive), and where that correlation is 0, so the
-    entry of largest magnitude is positive.
+    arbitrary; ours is chosen so the projection correlates positively with the activation's norm over
+    channels at each position (the lobe where the layer responds strongly is positive, whatever the
+    sign of its channels: a signed layer such as a classifier's logit map has its strongest, not its
+    most positive, responses on the evidence), and where that correlation is 0, so the entry of
+    largest magnitude is positive.
     """
     batch, channels, height, width = activation.shape
     samples = activation.reshape(batch, channels, height * width).transpose(1, 2).double()  # [B, hw, K]
@@ -81,7 +83,7 @@ def principal_projection(activation: torch.Tensor) -> torch.Tensor:
     _, _, vh = torch.linalg.svd(centred, full_matrices=False)
     projection = centred @ vh[:, 0, :, None]  # [B, hw, 1]
     projection = projection[..., 0]
-    energy = samples.mean(dim=2)
+    energy = samples.norm(dim=2)
     energy = energy - energy.mean(dim=1, keepdim=True)
     correlation = (projection * energy).sum(dim=1)
     # A correlation at rounding level is no evidence: then the entry of largest magnitude decides.

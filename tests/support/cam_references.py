@@ -90,7 +90,7 @@ def normgrad(A, G):
 
 def eigen_projection(A) -> torch.Tensor:
     """numpy's SVD of each row's centred [positions, channels] matrix; sign: positive correlation
-    with the mean activation over channels (the convention explainers documents)."""
+    with the activation's norm over channels (the convention explainers documents)."""
     rows = []
     for activation in A.double().numpy():
         channels, height, width = activation.shape
@@ -98,7 +98,7 @@ def eigen_projection(A) -> torch.Tensor:
         centred = samples - samples.mean(axis=0)
         _, _, vt = np.linalg.svd(centred, full_matrices=False)
         projection = centred @ vt[0]
-        energy = samples.mean(axis=1)
+        energy = np.linalg.norm(samples, axis=1)
         if np.dot(projection, energy - energy.mean()) < 0:
             projection = -projection
         rows.append(projection.reshape(1, height, width))

@@ -158,27 +158,34 @@ def _blob(sign: float = 1.0) -> torch.Tensor:
     return sign * (blob + noise)
 
 
-def test_eigen_cam_sign_follows_the_mean_activation():
+def test_eigen_cam_sign_follows_the_activation_norm():
     # The first principal component separates the blob from the background; our sign puts the
-    # positive lobe where the channels' mean activation is high: the blob.
+    # positive lobe where the activation's norm over channels is high: the blob.
     model = seeded(Through())
     cam = explainers.create("eigen_cam", model, layer="layer").explain(_blob(), target=0).attributions[0, 0]
     inside = torch.zeros(8, 8, dtype=torch.bool)
     inside[2:5, 3:6] = True
     assert cam[inside].min() > 0 and cam[~inside].max() == 0
-    # Negated activations: the mean activation is highest in the background, and so is the map.
+    # Negated activations (a signed layer): the blob still carries the strongest responses, so the
+    # map stays on it; a sign from the mean activation would put it on the background.
     flipped = explainers.create("eigen_cam", model, layer="layer").explain(_blob(-1.0), target=0).attributions[0, 0]
-    assert flipped[inside].max() == 0 and flipped[~inside].min() > 0
+    assert flipped[inside].min() > 0 and flipped[~inside].max() == 0
     # Not class-specific: another target gives the same map.
     other = explainers.create("eigen_cam", model, layer="layer").explain(_blob(), target=1).attributions[0, 0]
     assert torch.equal(cam, other)
 
 
-def test_eigen_cam_sign_without_a_mean_signal_puts_the_largest_entry_positive():
+def test_eigen_cam_sign_without_a_norm_signal_puts_the_largest_entry_positive():
     from explainers.methods.cam_family import principal_projection
 
-    pattern = torch.randn(1, 1, 5, 5, generator=torch.Generator().manual_seed(2))
-    activation = torch.cat([pattern, -pattern], dim=1)  # the mean over channels is 0 everywhere
+    # Integer vectors of norm exactly 5 at every position: no position responds more than another.
+    vectors = torch.tensor([[3.0, 4.0], [4.0, -3.0], [-5.0, 0.0], [0.0, 5.0], [-3.0, -4.0], [4.0, 3.0]])
+    chosen = torch.randint(0, len(vectors), (25,), generator=torch.Generator().manual_seed(2))
+    activation = vectors[chosen].T.reshape(1, 2, 5, 5)
     projection = principal_projection(activation).flatten()
     assert projection[projection.abs().argmax()] > 0
-    assert_close(projection.abs(), (pattern.flatten() - pattern.mean()).abs() * 2 ** 0.5)
+    samples = activation.reshape(2, 25).T.double()
+    centred = samples - samples.mean(dim=0)
+    _, vectors = torch.linalg.eigh(centred.T @ centred)  # eigenvalues ascending: the last is the first PC
+    reference = (centred @ vectors[:, -1]).abs().float()
+    assert_close(projection.abs(), reference)
