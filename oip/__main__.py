@@ -28,9 +28,17 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from .properties import read_properties
-
 KEY_FILE_NAME = "key_file.json"
+
+
+def read_properties(path: Path) -> dict[str, str]:
+    entries = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith(("#", "!")) and "=" in line:
+            key, _, value = line.partition("=")
+            entries[key.strip()] = value.strip()
+    return entries
 
 
 def snapshot_models(config: dict[str, str]) -> list[str]:

@@ -36,7 +36,6 @@ from urllib.parse import urlsplit
 
 import psutil
 
-from oip.properties import read_properties  # noqa: F401  (tools and tests read configs through here)
 from tools.http_client import HttpReply, http_request
 from tools.ports import LOOPBACK, free_ports, port_is_free
 
@@ -112,6 +111,17 @@ def parse_model_specs(models: Mapping[str, str] | Iterable[str]) -> dict[str, st
             raise ValueError(f"model spec {spec!r} is not NAME=ARCHIVE")
         parsed[name] = archive
     return parsed
+
+
+def read_properties(path: Path) -> dict[str, str]:
+    """Java-properties subset TorchServe's own launcher understands: key=value lines, # comments."""
+    entries = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith(("#", "!")) and "=" in line:
+            key, _, value = line.partition("=")
+            entries[key.strip()] = value.strip()
+    return entries
 
 
 def pid_is_alive(pid: int) -> bool:
