@@ -12,36 +12,18 @@ import torch.nn.functional as F
 
 import explainers
 from support.battery import REFERENCE_RTOL, noise_inputs, relative_difference
+from support.cam_references import as_nchw, hooked_activation_and_gradient
 from support.reference_rules import explicit_rule_attribution
 from support.zoo import ModelFingerprint, build_torchvision
 
 pytest.importorskip("torchvision", reason="torchvision is in the test extra; without it there are no models to test")
 
 
-def _as_nchw(activation: torch.Tensor, layout: str, prefix_tokens: int = 0) -> torch.Tensor:
-    if layout == "nchw":
-        return activation
-    if layout == "nhwc":
-        return activation.permute(0, 3, 1, 2)
-    tokens = activation[:, prefix_tokens:]                       # [B, h*w, D]
-    side = int(round(tokens.shape[1] ** 0.5))
-    return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], side, side)
-
-
 def hand_grad_cam(model, inputs, targets, layer: str, layout: str = "nchw", prefix_tokens: int = 0):
     """Grad-CAM written out: the layer's output at its last call in the model's own forward."""
-    module = dict(model.named_modules())[layer]
-    captured = []
-    handle = module.register_forward_hook(lambda _module, _args, output: captured.append(output))
-    try:
-        with torch.enable_grad():
-            logits = explainers.logits_of(model(inputs.clone()))
-            activation = captured[-1]
-            (gradient,) = torch.autograd.grad(logits[torch.arange(len(targets)), targets].sum(), activation)
-    finally:
-        handle.remove()
-    activation = _as_nchw(activation.detach(), layout, prefix_tokens)
-    gradient = _as_nchw(gradient, layout, prefix_tokens)
+    activation, gradient, _ = hooked_activation_and_gradient(model, inputs, targets, layer)
+    activation = as_nchw(activation, layout, prefix_tokens)
+    gradient = as_nchw(gradient, layout, prefix_tokens)
     weights = gradient.mean(dim=(2, 3), keepdim=True)
     cam = torch.relu((weights * activation).sum(dim=1, keepdim=True))
     return F.interpolate(cam, size=inputs.shape[-2:], mode="bilinear", align_corners=False), cam.shape[-2:]

@@ -25,6 +25,7 @@ import explainers
 from explainers.errors import InvalidOptionError, UnsupportedModelError, UnsupportedOperationError
 from explainers.hygiene import explanation_mode
 from explainers.run import ExplanationRun
+from support.models import seeded
 
 COMPOSITES = ("epsilon", "epsilon_plus", "epsilon_gamma_box", "epsilon_plus_flat")
 STAB = 1e-6
@@ -32,14 +33,6 @@ STAB = 1e-6
 
 def lrp(model, x, target=None, **options):
     return explainers.create("lrp", model, **options).explain(x, target)
-
-
-def seeded(model: nn.Module, seed: int = 0) -> nn.Module:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
-    return model.eval()
 
 
 class Flatten(nn.Module):  # Captum's LRP has no rule for nn.Flatten: flatten inside a forward instead
