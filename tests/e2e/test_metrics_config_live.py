@@ -39,17 +39,19 @@ def _one(samples, name, **labels):
     return hits[0]
 
 
-def _has_series(samples, name, labels):
-    return any(all(lab.get(k) == x for k, x in labels.items()) for lab, _ in samples.get(name, []))
+def _has_value(samples, name, labels, value):
+    return any(all(lab.get(k) == x for k, x in labels.items()) and v == value
+               for lab, v in samples.get(name, []))
 
 
-def _wait_for(ts, names, series=(), timeout=15.0):
+def _wait_for(ts, names, series=(), timeout=60.0):
     # The frontend parses the worker's metric lines after answering, in its own time: wait for the
-    # names and for the series emitted last, so a busy machine cannot make the scrape early.
+    # names and for each (series, value), so a busy machine cannot make the scrape early. On a
+    # timeout the samples come back as they are and the tests' own assertions say what is missing.
     deadline = time.monotonic() + timeout
     while True:
         samples = _samples(ts.metrics_text())
-        ready = all(n in samples for n in names) and all(_has_series(samples, n, lab) for n, lab in series)
+        ready = all(n in samples for n in names) and all(_has_value(samples, *s) for s in series)
         if ready or time.monotonic() > deadline:
             return samples
         time.sleep(0.2)
@@ -96,10 +98,22 @@ def scraped(server):
     assert status == 200, body
     # the worker imported the checkout under test, not another copy of the package
     assert json.loads(body)["explainers"].startswith(os.path.join(ROOT, "explainers")), body
-    return before, _wait_for(server, ["xai_explanation_quality_count", "ts_inference_latency_microseconds",
-                                      "ts_queue_latency_microseconds"],
-                             series=[("xai_stage_latency_seconds_count", {"stage": "encode"}),
-                                     ("xai_explanation_quality_sum", {"explainer": "saliency"})])
+    # Every series a test below reads, with the value it must reach: the frontend may export the
+    # lines of one worker write out of order, so the last line's series is no sign the others are in.
+    return before, _wait_for(server, ["ts_inference_latency_microseconds", "ts_queue_latency_microseconds"],
+                             series=[("xai_requests_total", {"route": "explain", "outcome": "ok"}, 3),
+                                     ("xai_requests_total", {"route": "predict", "outcome": "server_error"}, 1),
+                                     ("xai_errors_total", {"code": "invalid_image"}, 2),
+                                     ("xai_explanations_total", {"explainer": "saliency"}, 1),
+                                     ("xai_explanations_total", {"explainer": "grad_cam"}, 1),
+                                     ("xai_explanation_bytes_sum", {"explainer": "saliency"}, 2048),
+                                     ("xai_explanation_bytes_sum", {"explainer": "grad_cam"}, 12345),
+                                     ("xai_explanation_quality_count", {"explainer": "grad_cam"}, 1),
+                                     ("xai_explanation_quality_count", {"explainer": "saliency"}, 1),
+                                     ("xai_stage_latency_seconds_count", {"stage": "decode"}, 4),
+                                     ("xai_stage_latency_seconds_count", {"stage": "explain"}, 1),
+                                     ("xai_stage_latency_seconds_count", {"stage": "encode"}, 1),
+                                     ("xai_stage_latency_seconds_count", {"ModelName": "preprocess"}, 1)])
 
 
 def test_counter_created_at_zero_in_initialize(scraped):
