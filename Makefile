@@ -23,13 +23,24 @@ $(STAMP): pyproject.toml
 system-deps:
 	bash deploy/install-system-deps.sh
 
-# Every tier: tests/unit, tests/service, tests/e2e (real TorchServe, Prometheus, ...).
+# In-process tiers on this many pytest-xdist workers, a test file per worker at a time. Their tests
+# keep about one core busy (Python-bound tracing and small tensors), so two workers on two cores
+# nearly halve them; the largest models file keeps to one worker, which bounds memory.
+TEST_WORKERS ?= 2
+PYTEST := OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q
+
+# Every tier: tests/unit, tests/service and tests/models in parallel, then tests/e2e (real TorchServe,
+# Prometheus, ...) alone, since its load and timing checks must not share the cores. Both phases
+# always run; the target fails if either did.
 test: $(STAMP) system-deps
-	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q
+	$(PYTEST) -n $(TEST_WORKERS) --dist loadfile -m "unit or service or models"; in_process=$$?; \
+	$(PYTEST) -m "e2e and not image"; e2e=$$?; \
+	echo "in-process tiers: exit $$in_process; e2e tier: exit $$e2e"; \
+	test $$in_process -eq 0 -a $$e2e -eq 0
 
 # The library and the service in-process, no server (a few minutes on 2 cores).
 test-fast: $(STAMP)
-	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q -m "unit or service"
+	$(PYTEST) -n $(TEST_WORKERS) --dist loadfile -m "unit or service"
 
 # Trains the demo model if its cached weights are missing or stale, then archives it if needed.
 model-store: $(STAMP)

@@ -4,6 +4,7 @@ equality with that reference."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import traceback
@@ -25,7 +26,8 @@ REFERENCE_RTOL = 1e-4
 DIFFERENT_BY = 1e-3
 
 # model -> {"methods": {method: "ok" | error}, "sites": {...}, "reference": {...}}, written to the
-# JSON file named by $XAI_MODEL_TABLE at the end of the session (the closing note's table).
+# JSON file named by $XAI_MODEL_TABLE at the end of the session (the closing note's table); rows are
+# merged into what the file holds, so start from a new file.
 TABLE: dict[str, dict] = {}
 
 
@@ -138,7 +140,16 @@ def reference_problems(name: str, model, size: int) -> list[str]:
 
 
 def write_table() -> None:
+    """Merges this process's rows into the file: under pytest-xdist each worker has some models."""
     path = os.environ.get("XAI_MODEL_TABLE")
     if path and TABLE:
-        with open(path, "w") as stream:
-            json.dump(TABLE, stream, indent=1, sort_keys=True, default=str)
+        with open(path, "a+") as stream:
+            fcntl.flock(stream, fcntl.LOCK_EX)
+            stream.seek(0)
+            text = stream.read()
+            table = json.loads(text) if text.strip() else {}
+            for name, row in TABLE.items():
+                table.setdefault(name, {}).update(row)
+            stream.seek(0)
+            stream.truncate()
+            json.dump(table, stream, indent=1, sort_keys=True, default=str)
