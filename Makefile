@@ -11,6 +11,8 @@ IMAGE := localhost/torchserve-xai:0.1.0
 .PHONY: image test test-fast serve serve-kserve view model-store monitor evaluate soak bench bench-quick system-deps clean
 
 VIEW_PORT ?= 8090
+# What `make serve` and `make serve-kserve` load from model_store/: NAME=FILE.mar, space-separated.
+SERVE_MODELS ?= shapes=shapes.mar
 
 # torch is installed from its pin before anything that depends on it, so nothing pulls another torch.
 $(STAMP): pyproject.toml
@@ -49,7 +51,7 @@ model-store: $(STAMP)
 # TorchServe in the foreground on 127.0.0.1:8080/8081/8082 (TS_*_ADDRESS override); Ctrl-C stops it.
 serve: model-store
 	bash deploy/install-system-deps.sh java
-	$(PY) -m tools.serve --model-store model_store --models shapes=shapes.mar \
+	$(PY) -m tools.serve --model-store model_store --models $(SERVE_MODELS) \
 	  --config deploy/torchserve/local.properties --example-image docs/examples/circle.png
 
 # TorchServe as for `make serve` (TS_*_ADDRESS, token auth on) behind the Open Inference Protocol
@@ -57,7 +59,7 @@ serve: model-store
 # Ctrl-C stops both. docs/explanations-as-tensors.md has the protocol.
 serve-kserve: model-store
 	bash deploy/install-system-deps.sh java
-	$(PY) -m tools.serve_kserve --model-store model_store --models shapes=shapes.mar \
+	$(PY) -m tools.serve_kserve --model-store model_store --models $(SERVE_MODELS) \
 	  --config deploy/torchserve/local.properties --example-image docs/examples/circle.png
 
 # The explanation viewer on 127.0.0.1:$(VIEW_PORT), to use beside `make serve`, whose config allows
