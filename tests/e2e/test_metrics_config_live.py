@@ -33,15 +33,18 @@ def _samples(text):
     return prom_text.parse(text)
 
 
+def _hits(samples, name, labels):
+    return [(lab, v) for lab, v in samples.get(name, []) if all(lab.get(k) == x for k, x in labels.items())]
+
+
 def _one(samples, name, **labels):
-    hits = [(lab, v) for lab, v in samples.get(name, []) if all(lab.get(k) == x for k, x in labels.items())]
+    hits = _hits(samples, name, labels)
     assert len(hits) == 1, (name, labels, samples.get(name))
     return hits[0]
 
 
 def _has_value(samples, name, labels, value):
-    return any(all(lab.get(k) == x for k, x in labels.items()) and v == value
-               for lab, v in samples.get(name, []))
+    return any(v == value for _, v in _hits(samples, name, labels))
 
 
 def _wait_for(ts, names, series=(), timeout=60.0):
@@ -98,8 +101,9 @@ def scraped(server):
     assert status == 200, body
     # the worker imported the checkout under test, not another copy of the package
     assert json.loads(body)["explainers"].startswith(os.path.join(ROOT, "explainers")), body
-    # Every series a test below reads, with the value it must reach: the frontend may export the
-    # lines of one worker write out of order, so the last line's series is no sign the others are in.
+    # Every series a test below reads, with the value it must reach. The frontend reads the worker's
+    # lines in order, but on a slow machine it can lag behind the reply for many seconds; waiting for
+    # each asserted value (not just the last line's series) leaves no scrape that is merely early.
     return before, _wait_for(server, ["ts_inference_latency_microseconds", "ts_queue_latency_microseconds"],
                              series=[("xai_requests_total", {"route": "explain", "outcome": "ok"}, 3),
                                      ("xai_requests_total", {"route": "predict", "outcome": "server_error"}, 1),
